@@ -1,0 +1,269 @@
+"""The HTTP edge: an aiohttp app whose handlers parse, call the store, and map errors. Nothing more."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from sidecar import store as store_mod
+from sidecar.clock import Clock, SystemClock
+from sidecar.config import CustomerRef, Settings
+from sidecar.errors import BadBody, InvalidEvent, StoreClosed, StoreUnavailable
+from sidecar.events import JSON_TYPES, NDJSON_TYPES, UsageEvent, parse_body, validate_event
+from sidecar.store import Store, UsageFilter
+
+log = structlog.get_logger("sidecar.app")
+
+SETTINGS = web.AppKey("settings", Settings)
+CLOCK = web.AppKey("clock", Clock)  # type: ignore[type-abstract]
+STORE = web.AppKey("store", Store)
+DRAINING = web.AppKey("draining", asyncio.Event)
+BACKGROUND = web.AppKey("background", list)
+
+OPEN_PATHS = frozenset({"/healthz", "/metrics"})
+RETRY_AFTER_S = "5"
+
+
+def error(status: int, message: str, **extra: Any) -> web.Response:
+    """A JSON error body; every refusal of the API looks like this."""
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+def iso(epoch: float | int | None) -> str | None:
+    """Epoch seconds as RFC 3339 UTC, or None."""
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
+
+
+def parse_when(name: str, value: str) -> int:
+    """A query parameter given as epoch seconds or RFC 3339 (a missing offset means UTC)."""
+    try:
+        return int(float(value))
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise web.HTTPBadRequest(
+            text=f'{{"error": "{name}: must be epoch seconds or RFC 3339"}}',
+            content_type="application/json",
+        ) from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp())
+
+
+@web.middleware
+async def auth_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """When SIDECAR_TOKEN is set, every route but health and metrics needs `Bearer <token>`."""
+    token = request.app[SETTINGS].token
+    if token and request.path not in OPEN_PATHS:
+        given = request.headers.get("Authorization", "")
+        expected = f"Bearer {token}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return error(401, "missing or wrong bearer token", hint="send Authorization: Bearer <SIDECAR_TOKEN>")
+    return await handler(request)
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, refusing more than `limit` bytes without reading it all into memory."""
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=limit, actual_size=request.content_length,
+            text=f'{{"error": "body is larger than {limit} bytes (SIDECAR_MAX_BODY_BYTES)"}}',
+            content_type="application/json",
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > limit:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=limit, actual_size=size,
+                text=f'{{"error": "body is larger than {limit} bytes (SIDECAR_MAX_BODY_BYTES)"}}',
+                content_type="application/json",
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def post_events(request: web.Request) -> web.Response:
+    """POST /v1/events: validate, store durably, and only then answer."""
+    settings = request.app[SETTINGS]
+    if request.app[DRAINING].is_set():
+        return web.json_response({"error": "shutting down; retry on the next sidecar"}, status=503,
+                                 headers={"Retry-After": RETRY_AFTER_S})
+    ctype = request.content_type
+    if ctype not in JSON_TYPES and ctype not in NDJSON_TYPES:
+        return error(415, f"content type {ctype!r} is not supported; send application/json or application/x-ndjson")
+    body = await read_body(request, settings.max_body_bytes)
+    try:
+        items = parse_body(body, ctype)
+    except BadBody as exc:
+        return error(400, str(exc))
+    now = request.app[CLOCK].now()
+    valid: list[UsageEvent] = []
+    rejected: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        if item.error is not None:
+            rejected.append({"index": index, "error": item.error})
+            continue
+        try:
+            valid.append(validate_event(item.value, now=now, max_age_s=settings.max_event_age_s,
+                                        max_future_s=settings.max_future_s))
+        except InvalidEvent as exc:
+            rejected.append({"index": index, "error": str(exc)})
+    accepted = duplicates = 0
+    if valid:
+        try:
+            result = await request.app[STORE].ingest(valid)
+        except StoreUnavailable as exc:
+            status = 507 if exc.disk_full else 503
+            return web.json_response({"error": str(exc), "stored": 0}, status=status,
+                                     headers={"Retry-After": RETRY_AFTER_S})
+        except StoreClosed:
+            return web.json_response({"error": "shutting down"}, status=503,
+                                     headers={"Retry-After": RETRY_AFTER_S})
+        accepted, duplicates = result.accepted, result.duplicates
+    if rejected:
+        log.info("events_rejected", count=len(rejected), first=rejected[0]["error"])
+    status = 422 if rejected and not valid else 200
+    return web.json_response(
+        {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}, status=status
+    )
+
+
+async def put_customer(request: web.Request) -> web.Response:
+    """PUT /v1/customers/{tenant}: map a tenant to an AWS customer; its unmapped usage follows."""
+    tenant = request.match_info["tenant"]
+    if not 1 <= len(tenant) <= 256:
+        return error(400, "tenant: must be 1-256 characters")
+    if request.content_type not in JSON_TYPES:
+        return error(415, "send application/json")
+    body = await read_body(request, 65536)
+    try:
+        ref = CustomerRef.parse(parse_body(body, "application/json")[0].value, where="body")
+    except BadBody as exc:
+        return error(400, str(exc))
+    except ValueError as exc:
+        return error(422, str(exc))
+    try:
+        moved = await request.app[STORE].map_tenant(tenant, ref)
+    except StoreUnavailable as exc:
+        return web.json_response({"error": str(exc)}, status=503, headers={"Retry-After": RETRY_AFTER_S})
+    return web.json_response({"tenant": tenant, "customer": ref.key, "buckets_moved": moved})
+
+
+def present_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A bucket row as /usage shows it: times as RFC 3339, raw amounts beside whole units."""
+    out = dict(row)
+    for key in ("hour", "first_event_at", "sealed_at", "record_timestamp", "sent_at"):
+        if key in out:
+            out[key] = iso(out[key])
+    out["unit_raw"] = out.pop("unit")
+    return out
+
+
+async def get_usage(request: web.Request) -> web.Response:
+    """GET /usage: bucket rows and per-customer totals, filterable."""
+    q = request.query
+    filt = UsageFilter(
+        customer=q.get("customer"),
+        dimension=q.get("dimension"),
+        state=q.get("state"),
+        since=parse_when("from", q["from"]) if "from" in q else None,
+        until=parse_when("to", q["to"]) if "to" in q else None,
+    )
+    path = request.app[STORE].path
+
+    def query() -> dict[str, Any]:
+        with store_mod.reader(path) as conn:
+            return {
+                "rows": [present_row(r) for r in store_mod.usage_rows(conn, filt)],
+                "totals": store_mod.usage_totals(conn, filt),
+            }
+
+    return web.json_response(await asyncio.to_thread(query))
+
+
+async def get_healthz(request: web.Request) -> web.Response:
+    """GET /healthz: is the database writable, and how old is the oldest unsent sealed hour."""
+    store = request.app[STORE]
+    now = request.app[CLOCK].now()
+    writable, problem = True, None
+    try:
+        await store.run(lambda conn: conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('healthz_at', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(int(now)),)))
+    except (StoreUnavailable, StoreClosed) as exc:
+        writable, problem = False, str(exc)
+
+    def query() -> dict[str, Any]:
+        with store_mod.reader(store.path) as conn:
+            return store_mod.health(conn, now)
+
+    facts = await asyncio.to_thread(query)
+    body = {"status": "ok" if writable else "unavailable", "db_writable": writable,
+            "draining": request.app[DRAINING].is_set(), **facts}
+    if problem:
+        body["error"] = problem
+    return web.json_response(body, status=200 if writable else 503)
+
+
+async def maintenance_loop(app: web.Application) -> None:
+    """Seal due hours on a fixed interval; failures are logged and retried next round."""
+    store = app[STORE]
+    interval = min(app[SETTINGS].flush_interval_s, 30.0)
+    while True:
+        try:
+            await store.seal_due()
+        except (StoreUnavailable, StoreClosed) as exc:
+            log.warning("seal_failed", error=str(exc))
+        await asyncio.sleep(interval)
+
+
+def create_app(settings: Settings, *, clock: Clock | None = None, background: bool = True) -> web.Application:
+    """The sidecar's aiohttp application. `background=False` leaves loops to the caller (tests)."""
+    app = web.Application(middlewares=[auth_middleware], client_max_size=settings.max_body_bytes + 1)
+    app[SETTINGS] = settings
+    app[CLOCK] = clock or SystemClock()
+    app[DRAINING] = asyncio.Event()
+    app[BACKGROUND] = []
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        store = await asyncio.to_thread(Store.open, settings.db_path, settings=settings, clock=app[CLOCK])
+        app[STORE] = store
+        tasks = [asyncio.create_task(maintenance_loop(app))] if background else []
+        log.info("sidecar_started", db=str(settings.db_path), synchronous=settings.synchronous,
+                 dimensions=[d.name for d in settings.dimensions])
+        yield
+        app[DRAINING].set()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await asyncio.to_thread(store.close)
+        log.info("sidecar_stopped")
+
+    async def on_shutdown(app: web.Application) -> None:
+        app[DRAINING].set()
+
+    app.cleanup_ctx.append(resources)
+    app.on_shutdown.append(on_shutdown)
+    app.router.add_post("/v1/events", post_events)
+    app.router.add_put("/v1/customers/{tenant}", put_customer)
+    app.router.add_get("/usage", get_usage)
+    app.router.add_get("/healthz", get_healthz)
+    return app
+

@@ -1,0 +1,369 @@
+"""Settings: one frozen object built from the environment and an optional TOML file, validated once."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from sidecar.errors import ConfigError
+
+# Where each dimension's raw amount comes from, and the integer scale it is stored in.
+# gpu_seconds is a float in events; it is stored as integer microseconds so sums stay exact.
+SOURCE_SCALE: Mapping[str, int] = {
+    "count": 1,
+    "prompt_tokens": 1,
+    "completion_tokens": 1,
+    "total_tokens": 1,
+    "cached_tokens": 1,
+    "gpu_seconds": 1_000_000,
+}
+
+DIMENSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+ACCOUNT_ID = re.compile(r"^\d{12}$")
+# arn:aws:license-manager::<12-digit account>:license:l-<32 hex>, in any AWS partition.
+LICENSE_ARN = re.compile(r"^arn:aws(-[a-z]+)*:license-manager::\d{12}:license[:/]l-[0-9a-f]{32}$")
+CUSTOMER_IDENTIFIER = re.compile(r"^[\S]{1,255}$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Dimension:
+    """A billing dimension: its Marketplace name, which event field feeds it, and its unit."""
+
+    name: str
+    source: str
+    unit: int  # how many source units (tokens, requests, seconds) make one billed unit
+
+    @property
+    def raw_unit(self) -> int:
+        """One billed unit expressed in stored raw units (GPU seconds are stored as microseconds)."""
+        return self.unit * SOURCE_SCALE[self.source]
+
+
+DEFAULT_DIMENSIONS = (
+    Dimension(name="inference-requests", source="count", unit=1),
+    Dimension(name="tokens-processed", source="total_tokens", unit=1000),
+    Dimension(name="gpu-hours", source="gpu_seconds", unit=3600),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CustomerRef:
+    """Who AWS bills: an account + licence (new products) or a customer identifier (older ones)."""
+
+    aws_account_id: str | None = None
+    license_arn: str | None = None
+    customer_identifier: str | None = None
+
+    @property
+    def key(self) -> str:
+        """A stable text key for buckets; the scheme prefix keeps the two kinds apart."""
+        if self.customer_identifier is not None:
+            return f"identifier:{self.customer_identifier}"
+        return f"account:{self.aws_account_id}/{self.license_arn}"
+
+    @classmethod
+    def parse(cls, value: Any, *, where: str) -> CustomerRef:
+        """Validate a mapping such as {"aws_account_id": ..., "license_arn": ...}; `where` names it in errors."""
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where}: must be an object")
+        keys = set(value)
+        if keys == {"aws_account_id", "license_arn"}:
+            account, arn = value["aws_account_id"], value["license_arn"]
+            if not isinstance(account, str) or not ACCOUNT_ID.match(account):
+                raise ValueError(f"{where}.aws_account_id: must be a string of exactly 12 digits")
+            if not isinstance(arn, str) or not LICENSE_ARN.match(arn):
+                raise ValueError(
+                    f"{where}.license_arn: must look like "
+                    "arn:aws:license-manager::<account>:license:l-<32 hex digits>"
+                )
+            return cls(aws_account_id=account, license_arn=arn)
+        if keys == {"customer_identifier"}:
+            ident = value["customer_identifier"]
+            if not isinstance(ident, str) or not CUSTOMER_IDENTIFIER.match(ident):
+                raise ValueError(
+                    f"{where}.customer_identifier: must be 1-255 characters without whitespace"
+                )
+            return cls(customer_identifier=ident)
+        raise ValueError(
+            f"{where}: must have exactly aws_account_id + license_arn, or customer_identifier"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Every setting of the sidecar. Built by `load_settings`; tests construct it directly."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 9600
+    db_path: Path = Path("sidecar.db")
+    synchronous: Literal["FULL", "NORMAL", "EXTRA"] = "FULL"
+    token: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_event_age_s: int = 48 * 3600
+    max_future_s: int = 300
+    hour_grace_s: int = 300
+    flush_interval_s: float = 60.0
+    product_code: str | None = None
+    region: str | None = None
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 15.0
+    calls_per_s: float = 10.0
+    window_s: int = 24 * 3600
+    window_margin_s: int = 1800
+    expired_policy: Literal["carry", "expire"] = "carry"
+    max_backoff_s: float = 300.0
+    shutdown_deadline_s: float = 25.0
+    heartbeats: bool = False
+    heartbeat_hours: int = 24
+    dry_run: bool = False
+    log_level: str = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    dimensions: tuple[Dimension, ...] = DEFAULT_DIMENSIONS
+    customers: Mapping[str, CustomerRef] = field(default_factory=dict)
+
+    def dimension(self, name: str) -> Dimension | None:
+        """The configured dimension called `name`, if any."""
+        for dim in self.dimensions:
+            if dim.name == name:
+                return dim
+        return None
+
+
+# Environment variable → (settings field, parser). TOML's [sidecar] table uses the field names.
+def _int(v: str) -> int:
+    return int(v)
+
+
+def _float(v: str) -> float:
+    return float(v)
+
+
+def _bool(v: str) -> bool:
+    low = v.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+ENV_SETTINGS: Mapping[str, str] = {
+    "SIDECAR_LISTEN": "listen",
+    "SIDECAR_DB": "db_path",
+    "SIDECAR_SYNCHRONOUS": "synchronous",
+    "SIDECAR_TOKEN": "token",
+    "SIDECAR_MAX_BODY_BYTES": "max_body_bytes",
+    "SIDECAR_MAX_EVENT_AGE_S": "max_event_age_s",
+    "SIDECAR_HOUR_GRACE_S": "hour_grace_s",
+    "SIDECAR_FLUSH_INTERVAL_S": "flush_interval_s",
+    "SIDECAR_PRODUCT_CODE": "product_code",
+    "SIDECAR_CONNECT_TIMEOUT_S": "connect_timeout_s",
+    "SIDECAR_READ_TIMEOUT_S": "read_timeout_s",
+    "SIDECAR_CALLS_PER_S": "calls_per_s",
+    "SIDECAR_WINDOW_S": "window_s",
+    "SIDECAR_WINDOW_MARGIN_S": "window_margin_s",
+    "SIDECAR_EXPIRED_POLICY": "expired_policy",
+    "SIDECAR_MAX_BACKOFF_S": "max_backoff_s",
+    "SIDECAR_SHUTDOWN_DEADLINE_S": "shutdown_deadline_s",
+    "SIDECAR_HEARTBEATS": "heartbeats",
+    "SIDECAR_HEARTBEAT_HOURS": "heartbeat_hours",
+    "SIDECAR_DRY_RUN": "dry_run",
+    "SIDECAR_LOG_LEVEL": "log_level",
+    "SIDECAR_LOG_FORMAT": "log_format",
+}
+
+_PARSERS: Mapping[str, Any] = {
+    "max_body_bytes": _int,
+    "max_event_age_s": _int,
+    "hour_grace_s": _int,
+    "flush_interval_s": _float,
+    "connect_timeout_s": _float,
+    "read_timeout_s": _float,
+    "calls_per_s": _float,
+    "window_s": _int,
+    "window_margin_s": _int,
+    "max_backoff_s": _float,
+    "shutdown_deadline_s": _float,
+    "heartbeats": _bool,
+    "heartbeat_hours": _int,
+    "dry_run": _bool,
+}
+
+_CHOICES: Mapping[str, tuple[str, ...]] = {
+    "synchronous": ("FULL", "NORMAL", "EXTRA"),
+    "expired_policy": ("carry", "expire"),
+    "log_format": ("auto", "json", "console"),
+    "log_level": ("debug", "info", "warning", "error"),
+}
+
+_POSITIVE = ("max_body_bytes", "max_event_age_s", "flush_interval_s", "calls_per_s", "window_s",
+             "connect_timeout_s", "read_timeout_s", "max_backoff_s", "shutdown_deadline_s",
+             "heartbeat_hours")
+_NON_NEGATIVE = ("hour_grace_s", "window_margin_s")
+
+
+def load_settings(env: Mapping[str, str], *, require_region: bool = False) -> Settings:
+    """Build settings from environment variables and the TOML file named by SIDECAR_CONFIG.
+
+    Environment variables win over the TOML file. Raises ConfigError naming the bad setting.
+    """
+    raw: dict[str, Any] = {}
+    dimensions_raw: Any = None
+    customers_raw: Any = None
+    config_path = env.get("SIDECAR_CONFIG")
+    if config_path:
+        try:
+            doc = tomllib.loads(Path(config_path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"SIDECAR_CONFIG: cannot read {config_path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"SIDECAR_CONFIG: {config_path} is not valid TOML: {exc}") from exc
+        unknown = set(doc) - {"sidecar", "dimensions", "customers"}
+        if unknown:
+            raise ConfigError(f"SIDECAR_CONFIG: unknown table(s) {sorted(unknown)}")
+        table = doc.get("sidecar", {})
+        known = set(ENV_SETTINGS.values())
+        for key, value in table.items():
+            if key not in known:
+                raise ConfigError(f"[sidecar].{key}: unknown setting")
+            raw[key] = ("[sidecar]." + key, value)
+        dimensions_raw = doc.get("dimensions")
+        customers_raw = doc.get("customers")
+    for env_name, key in ENV_SETTINGS.items():
+        if env_name in env:
+            raw[key] = (env_name, env[env_name])
+
+    values: dict[str, Any] = {}
+    for key, (where, value) in raw.items():
+        values.update(_convert(key, where, value))
+
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
+    values["region"] = region
+    if require_region and not region:
+        raise ConfigError(
+            "AWS_REGION: not set (nor AWS_DEFAULT_REGION); the Marketplace region is required"
+        )
+    if dimensions_raw is not None:
+        values["dimensions"] = _parse_dimensions(dimensions_raw)
+    if customers_raw is not None:
+        values["customers"] = _parse_customers(customers_raw)
+    return Settings(**values)
+
+
+def _convert(key: str, where: str, value: Any) -> dict[str, Any]:
+    """Convert one raw setting (string from the environment or a TOML value) and validate it."""
+    if key == "listen":
+        host, port = _parse_listen(where, str(value))
+        return {"listen_host": host, "listen_port": port}
+    if key == "db_path":
+        if not str(value):
+            raise ConfigError(f"{where}: must not be empty")
+        return {"db_path": Path(str(value))}
+    if key == "token":
+        token = str(value)
+        if token and len(token) < 16:
+            raise ConfigError(f"{where}: must be at least 16 characters")
+        return {"token": token or None}
+    if key == "product_code":
+        return {"product_code": str(value) or None}
+    if key in _PARSERS:
+        if isinstance(value, str):
+            try:
+                value = _PARSERS[key](value)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {exc if _PARSERS[key] is _bool else 'not a number'}") from exc
+        elif _PARSERS[key] is _bool and not isinstance(value, bool):
+            raise ConfigError(f"{where}: must be true or false")
+        elif _PARSERS[key] is not _bool and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ConfigError(f"{where}: not a number")
+        if _PARSERS[key] is _int and (not isinstance(value, int) or isinstance(value, bool)):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise ConfigError(f"{where}: must be a whole number")
+        if key in _POSITIVE and not value > 0:
+            raise ConfigError(f"{where}: must be greater than 0")
+        if key in _NON_NEGATIVE and value < 0:
+            raise ConfigError(f"{where}: must not be negative")
+        return {key: value}
+    if key in _CHOICES:
+        text = str(value)
+        norm = text.upper() if key == "synchronous" else text.lower()
+        if norm not in _CHOICES[key]:
+            raise ConfigError(f"{where}: must be one of {', '.join(_CHOICES[key])} (got {text!r})")
+        return {key: norm}
+    raise ConfigError(f"{where}: unknown setting")
+
+
+def _parse_listen(where: str, value: str) -> tuple[str, int]:
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{where}: must be HOST:PORT, e.g. 127.0.0.1:9600")
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"{where}: port {port_text!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{where}: port must be 0-65535")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names only this machine (so no token is needed to listen on it)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_dimensions(value: Any) -> tuple[Dimension, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError("[[dimensions]]: must be a non-empty array of tables")
+    dims: list[Dimension] = []
+    for i, item in enumerate(value):
+        where = f"dimensions[{i}]"
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{where}: must be a table")
+        extra = set(item) - {"name", "source", "unit"}
+        if extra:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(extra)}")
+        name, source, unit = item.get("name"), item.get("source"), item.get("unit", 1)
+        if not isinstance(name, str) or not DIMENSION_NAME.match(name):
+            raise ConfigError(f"{where}.name: must be 1-100 letters, digits, '-', '_' or '.'")
+        if source not in SOURCE_SCALE:
+            raise ConfigError(f"{where}.source: must be one of {', '.join(SOURCE_SCALE)}")
+        if not isinstance(unit, int) or isinstance(unit, bool) or unit < 1:
+            raise ConfigError(f"{where}.unit: must be a whole number >= 1")
+        if any(d.name == name for d in dims):
+            raise ConfigError(f"{where}.name: {name!r} is configured twice")
+        dims.append(Dimension(name=name, source=source, unit=unit))
+    return tuple(dims)
+
+
+def _parse_customers(value: Any) -> dict[str, CustomerRef]:
+    if not isinstance(value, Mapping):
+        raise ConfigError("[customers]: must be a table of tenant = { ... }")
+    result: dict[str, CustomerRef] = {}
+    for tenant, ref in value.items():
+        try:
+            result[tenant] = CustomerRef.parse(ref, where=f"customers.{tenant}")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return result
+
+
+def validate_for_serving(settings: Settings) -> None:
+    """Checks that only matter for a listening daemon (e.g. a token off loopback)."""
+    if not is_loopback(settings.listen_host) and not settings.token:
+        raise ConfigError(
+            f"SIDECAR_LISTEN: {settings.listen_host} is not a loopback address; "
+            "set SIDECAR_TOKEN to listen on it"
+        )

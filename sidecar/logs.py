@@ -1,0 +1,42 @@
+"""Logging set-up: JSON lines in production, a readable console renderer on a terminal."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+          "error": logging.ERROR}
+SECRET_KEYS = frozenset({"token", "authorization", "aws_secret_access_key", "aws_session_token",
+                         "password", "secret"})
+
+
+def _redact(_: object, __: str, event_dict: dict[str, object]) -> dict[str, object]:
+    """Never let a credential reach a log line, whatever a caller passed."""
+    for key in list(event_dict):
+        if key.lower() in SECRET_KEYS:
+            event_dict[key] = "[redacted]"
+    return event_dict
+
+
+def configure(*, level: str = "info", fmt: str = "auto") -> None:
+    """Configure structlog once for the process; `fmt` is auto, json or console."""
+    use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,585 @@
+"""The SQLite store: the only module that touches the database.
+
+One writer thread owns the only write connection and runs every write in a short
+`BEGIN IMMEDIATE` transaction; concurrent ingest requests are merged into one transaction
+(group commit) so a burst costs one fsync, not one per request. Reads use their own
+connections (WAL lets them run beside the writer).
+
+The interface is deliberately narrow (ingest batch, seal, map tenant, freeze, claim records,
+record outcomes, query usage) so a PostgreSQL backend for fleets can implement the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+import structlog
+
+from sidecar.clock import Clock, hour_start
+from sidecar.config import CustomerRef, Settings
+from sidecar.errors import DatabaseCorrupt, StoreClosed, StoreUnavailable
+from sidecar.events import UsageEvent
+from sidecar.usage import BucketKey, Delta, add_event, sealing_watermark, target_hour, whole_units
+
+log = structlog.get_logger("sidecar.store")
+
+T = TypeVar("T")
+MAX_GROUP_EVENTS = 20_000  # cap on events merged into one group commit
+OPEN_STATES = ("open", "unmapped")
+WATERMARK_KEY = "sealed_before"
+
+
+def schema_dir() -> Path:
+    """Where the numbered SQL migrations live: inside the wheel, or the checkout's schema/."""
+    packaged = Path(__file__).parent / "_schema"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "schema"
+
+
+def _statements(sql: str) -> Iterator[str]:
+    """Split a SQL script into complete statements (executescript would commit on its own)."""
+    buf = ""
+    for line in sql.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                yield buf
+            buf = ""
+    if buf.strip() and not all(
+        ln.strip().startswith("--") or not ln.strip() for ln in buf.splitlines()
+    ):
+        raise ValueError(f"incomplete SQL statement at the end of a migration: {buf[:80]!r}")
+
+
+def migrations() -> sqlite_utils.Migrations:
+    """One migration step per numbered file in schema/, applied in order and recorded."""
+    steps = sqlite_utils.Migrations("sidecar")
+    for path in sorted(schema_dir().glob("[0-9][0-9][0-9]_*.sql")):
+        sql = path.read_text(encoding="utf-8")
+
+        def apply(db: sqlite_utils.Database, sql: str = sql) -> None:
+            for statement in _statements(sql):
+                db.execute(statement)
+
+        steps(name=path.stem)(apply)
+    return steps
+
+
+def connect(path: Path, *, synchronous: str = "FULL", readonly: bool = False) -> sqlite3.Connection:
+    """A connection with the product's pragmas; autocommit mode so transactions are explicit."""
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                               check_same_thread=False)
+    else:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA busy_timeout = 10000")
+    if not readonly:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def migrate(path: Path) -> list[str]:
+    """Apply pending migrations; returns the names applied (empty when up to date)."""
+    conn = connect(path)
+    try:
+        db = sqlite_utils.Database(conn)
+        steps = migrations()
+        pending = [m.name for m in steps.pending(db)]
+        steps.apply(db)
+        return pending
+    finally:
+        conn.close()
+
+
+def check_integrity(path: Path) -> None:
+    """Raise DatabaseCorrupt if SQLite's quick check finds damage. A missing file is fine."""
+    if not path.exists():
+        return
+    try:
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            rows = conn.execute("PRAGMA quick_check").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise DatabaseCorrupt(f"{path}: {exc}") from exc
+    if rows != [("ok",)]:
+        detail = "; ".join(str(r[0]) for r in rows[:5])
+        raise DatabaseCorrupt(f"{path}: integrity check failed: {detail}")
+
+
+def _unavailable(exc: sqlite3.Error) -> StoreUnavailable:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return StoreUnavailable(f"database write failed: {exc}", disk_full=code == sqlite3.SQLITE_FULL)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What one ingest call did: events newly stored and events already known."""
+
+    accepted: int
+    duplicates: int
+
+
+@dataclass(slots=True)
+class _Job:
+    fn: Callable[[sqlite3.Connection], Any] | None
+    future: concurrent.futures.Future[Any]
+    events: Sequence[UsageEvent] = field(default_factory=tuple)
+
+
+class Store:
+    """Owner of the write connection. Use `open()`; call `close()` when done."""
+
+    def __init__(self, path: Path, *, settings: Settings, clock: Clock) -> None:
+        self.path = path
+        self.settings = settings
+        self.clock = clock
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._tenants: dict[str, str] = {}
+        self._watermark = 0
+        self.group_sizes: list[int] = []  # recent group-commit sizes, read by metrics
+
+    @classmethod
+    def open(cls, path: Path, *, settings: Settings, clock: Clock) -> Store:
+        """Check, migrate and open the database, load tenant mappings, start the writer thread."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        check_integrity(path)
+        migrate(path)
+        store = cls(path, settings=settings, clock=clock)
+        store._conn = connect(path, synchronous=settings.synchronous)
+        store._tenants = {
+            r["tenant"]: r["customer"] for r in store._conn.execute("SELECT tenant, customer FROM tenants")
+        }
+        row = store._conn.execute("SELECT value FROM meta WHERE key = ?", (WATERMARK_KEY,)).fetchone()
+        store._watermark = int(row["value"]) if row else 0
+        store._thread = threading.Thread(target=store._writer, name="sidecar-writer", daemon=True)
+        store._thread.start()
+        for tenant, ref in settings.customers.items():
+            if store._tenants.get(tenant) != ref.key:
+                store.call(lambda conn, t=tenant, r=ref: store._map_tenant(conn, t, r, "config"))
+        return store
+
+    # ---- the writer thread -------------------------------------------------------------
+
+    def _writer(self) -> None:
+        assert self._conn is not None
+        conn = self._conn
+        while True:
+            job = self._queue.get()
+            if job is None:
+                break
+            if job.fn is not None:
+                self._run_one(conn, job)
+                continue
+            group = [job]
+            n = len(job.events)
+            pending: _Job | None | bool = False
+            while n < MAX_GROUP_EVENTS:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None or nxt.fn is not None:
+                    pending = nxt
+                    break
+                group.append(nxt)
+                n += len(nxt.events)
+            self._run_group(conn, group)
+            if pending is None:
+                break
+            if isinstance(pending, _Job):
+                self._run_one(conn, pending)
+        conn.close()
+
+    def _run_one(self, conn: sqlite3.Connection, job: _Job) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            return
+        assert job.fn is not None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = job.fn(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            job.future.set_exception(_unavailable(exc))
+        except BaseException as exc:
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(result)
+
+    def _run_group(self, conn: sqlite3.Connection, group: list[_Job]) -> None:
+        """Ingest several requests in one transaction; each request in its own savepoint."""
+        group = [j for j in group if j.future.set_running_or_notify_cancel()]
+        if not group:
+            return
+        started = time.perf_counter()
+        results: list[tuple[_Job, IngestResult | BaseException]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                now = self.clock.now()
+                watermark = sealing_watermark(now, self.settings.hour_grace_s, self._watermark)
+                for job in group:
+                    conn.execute("SAVEPOINT job")
+                    try:
+                        res: IngestResult | BaseException = self._ingest(conn, job.events, now, watermark)
+                    except sqlite3.OperationalError:
+                        raise
+                    except Exception as exc:  # one bad request must not fail its neighbours
+                        conn.execute("ROLLBACK TO job")
+                        res = exc
+                    conn.execute("RELEASE job")
+                    results.append((job, res))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            err = _unavailable(exc)
+            log.warning("ingest_commit_failed", error=str(exc), requests=len(group), disk_full=err.disk_full)
+            for job in group:
+                job.future.set_exception(err)
+            return
+        except BaseException as exc:
+            for job in group:
+                job.future.set_exception(exc)
+            return
+        for job, res in results:
+            if isinstance(res, BaseException):
+                job.future.set_exception(res)
+            else:
+                job.future.set_result(res)
+        self.group_sizes.append(len(group))
+        if len(self.group_sizes) > 1000:
+            del self.group_sizes[:500]
+        log.debug(
+            "ingest_committed",
+            requests=len(group),
+            events=sum(len(j.events) for j in group),
+            ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+
+    def _ingest(
+        self, conn: sqlite3.Connection, events: Sequence[UsageEvent], now: float, watermark: int
+    ) -> IngestResult:
+        accepted = duplicates = 0
+        deltas: dict[BucketKey, Delta] = {}
+        now_s = int(now)
+        new_customers: dict[str, CustomerRef | str] = {}
+        for ev in events:
+            if ev.customer is not None:
+                customer = ev.customer.key
+                new_customers.setdefault(customer, ev.customer)
+            else:
+                assert ev.tenant is not None
+                mapped = self._tenants.get(ev.tenant)
+                customer = mapped if mapped is not None else f"tenant:{ev.tenant}"
+                if mapped is None:
+                    new_customers.setdefault(customer, ev.tenant)
+            hour, late = target_hour(ev.time, now=now, watermark=watermark)
+            cur = conn.execute(
+                "INSERT INTO events (event_id, time, received_at, customer, tenant, hour, model,"
+                " prompt_tokens, completion_tokens, cached_tokens, gpu_micros, finish)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (event_id) DO NOTHING",
+                (ev.event_id, int(ev.time), now_s, customer, ev.tenant, hour, ev.model,
+                 ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens, ev.gpu_micros, ev.finish),
+            )
+            if cur.rowcount == 1:
+                accepted += 1
+                add_event(deltas, ev, customer=customer, hour=hour, late=late,
+                          dimensions=self.settings.dimensions)
+            else:
+                duplicates += 1
+        self._ensure_customers(conn, new_customers)
+        self._apply_deltas(conn, deltas)
+        return IngestResult(accepted=accepted, duplicates=duplicates)
+
+    @staticmethod
+    def _ensure_customers(conn: sqlite3.Connection, customers: dict[str, CustomerRef | str]) -> None:
+        for key, who in customers.items():
+            if isinstance(who, CustomerRef):
+                conn.execute(
+                    "INSERT INTO customers (customer, aws_account_id, license_arn, customer_identifier)"
+                    " VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
+                    (key, who.aws_account_id, who.license_arn, who.customer_identifier),
+                )
+            else:
+                conn.execute(
+                    "INSERT INTO customers (customer, tenant) VALUES (?,?) ON CONFLICT DO NOTHING",
+                    (key, who),
+                )
+
+    def _apply_deltas(self, conn: sqlite3.Connection, deltas: dict[BucketKey, Delta]) -> None:
+        """Add deltas to open buckets. A sealed bucket is never touched: that would be a bug."""
+        if not deltas:
+            return
+        units = {d.name: d.raw_unit for d in self.settings.dimensions}
+        rows = [
+            (c, d, h, "unmapped" if c.startswith("tenant:") else "open", dl.raw, dl.events,
+             dl.carried_in, dl.first_event_at, units.get(d, 1))
+            for (c, d, h), dl in deltas.items()
+        ]
+        cur = conn.executemany(
+            "INSERT INTO buckets (customer, dimension, hour, state, raw, events, carried_in,"
+            " first_event_at, unit) VALUES (?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (customer, dimension, hour) DO UPDATE SET"
+            " raw = raw + excluded.raw, events = events + excluded.events,"
+            " carried_in = carried_in + excluded.carried_in,"
+            " first_event_at = min(first_event_at, excluded.first_event_at)"
+            " WHERE state IN ('open', 'unmapped')",
+            rows,
+        )
+        if cur.rowcount != len(rows):
+            raise RuntimeError("refusing to add usage to a sealed bucket")
+
+    # ---- sealing and tenant mapping ------------------------------------------------------
+
+    def _seal(self, conn: sqlite3.Connection) -> int:
+        now = self.clock.now()
+        watermark = sealing_watermark(now, self.settings.hour_grace_s, self._watermark)
+        rows = conn.execute(
+            "SELECT customer, dimension, hour, raw, unit FROM buckets"
+            " WHERE state = 'open' AND hour < ? ORDER BY hour, customer, dimension",
+            (watermark,),
+        ).fetchall()
+        for r in rows:
+            carry_row = conn.execute(
+                "SELECT raw FROM carries WHERE customer = ? AND dimension = ?",
+                (r["customer"], r["dimension"]),
+            ).fetchone()
+            carry = carry_row["raw"] if carry_row else 0
+            quantity, remainder = whole_units(r["raw"], carry, r["unit"])
+            conn.execute(
+                "UPDATE buckets SET state = 'sealed', remainder_in = ?, quantity = ?, remainder = ?,"
+                " sealed_at = ? WHERE customer = ? AND dimension = ? AND hour = ?",
+                (carry, quantity, remainder, int(now), r["customer"], r["dimension"], r["hour"]),
+            )
+            conn.execute(
+                "INSERT INTO carries (customer, dimension, raw) VALUES (?,?,?)"
+                " ON CONFLICT (customer, dimension) DO UPDATE SET raw = excluded.raw",
+                (r["customer"], r["dimension"], remainder),
+            )
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (WATERMARK_KEY, str(watermark)),
+        )
+        self._watermark = watermark
+        if rows:
+            log.info("hours_sealed", buckets=len(rows), sealed_before=watermark)
+        return len(rows)
+
+    def _map_tenant(self, conn: sqlite3.Connection, tenant: str, ref: CustomerRef, source: str) -> int:
+        """Map a tenant to a customer and move its unmapped usage into that customer's open buckets."""
+        now = self.clock.now()
+        key = ref.key
+        self._ensure_customers(conn, {key: ref})
+        conn.execute(
+            "INSERT INTO tenants (tenant, customer, source, updated_at) VALUES (?,?,?,?)"
+            " ON CONFLICT (tenant) DO UPDATE SET customer = excluded.customer,"
+            " source = excluded.source, updated_at = excluded.updated_at",
+            (tenant, key, source, int(now)),
+        )
+        src = f"tenant:{tenant}"
+        watermark = sealing_watermark(now, self.settings.hour_grace_s, self._watermark)
+        current = max(hour_start(now), watermark)
+        deltas: dict[BucketKey, Delta] = {}
+        moved = conn.execute(
+            "SELECT dimension, hour, raw, events, carried_in, first_event_at FROM buckets"
+            " WHERE customer = ? AND state = 'unmapped'",
+            (src,),
+        ).fetchall()
+        for b in moved:
+            late = b["hour"] < watermark
+            hour = current if late else b["hour"]
+            d = deltas.setdefault((key, b["dimension"], hour), Delta(first_event_at=b["first_event_at"]))
+            d.raw += b["raw"]
+            d.events += b["events"]
+            d.carried_in += b["raw"] if late else b["carried_in"]
+            d.first_event_at = min(d.first_event_at, b["first_event_at"])
+        conn.execute("DELETE FROM buckets WHERE customer = ? AND state = 'unmapped'", (src,))
+        conn.execute(
+            "UPDATE events SET customer = ?, hour = CASE WHEN hour < ? THEN ? ELSE hour END"
+            " WHERE customer = ?",
+            (key, watermark, current, src),
+        )
+        self._apply_deltas(conn, deltas)
+        # The in-memory map is the writer's own; a failed commit raises before callers see it,
+        # and the next transaction would re-read nothing stale because only this thread writes.
+        self._tenants[tenant] = key
+        if moved:
+            log.info("tenant_usage_mapped", tenant=tenant, buckets=len(moved))
+        return len(moved)
+
+    # ---- public API ----------------------------------------------------------------------
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
+        """Run `fn(conn)` in one write transaction on the writer thread."""
+        if self._closed:
+            raise StoreClosed("the store is closed")
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._queue.put(_Job(fn=fn, future=fut))
+        return fut
+
+    def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Blocking form of `submit`, for the CLI and start-up."""
+        return self.submit(fn).result()
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Awaitable form of `submit`."""
+        return await asyncio.wrap_future(self.submit(fn))
+
+    def ingest_future(self, events: Sequence[UsageEvent]) -> concurrent.futures.Future[IngestResult]:
+        """Queue validated events for the next group commit."""
+        if self._closed:
+            raise StoreClosed("the store is closed")
+        fut: concurrent.futures.Future[IngestResult] = concurrent.futures.Future()
+        self._queue.put(_Job(fn=None, future=fut, events=events))
+        return fut
+
+    async def ingest(self, events: Sequence[UsageEvent]) -> IngestResult:
+        """Store events durably (dedup by event_id, buckets updated in the same transaction)."""
+        return await asyncio.wrap_future(self.ingest_future(events))
+
+    async def seal_due(self) -> int:
+        """Seal every open bucket whose hour ended more than the grace period ago."""
+        return await self.run(self._seal)
+
+    def seal_due_sync(self) -> int:
+        """Blocking form of `seal_due`."""
+        return self.call(self._seal)
+
+    async def map_tenant(self, tenant: str, ref: CustomerRef, *, source: str = "api") -> int:
+        """Map a tenant to a customer; returns how many unmapped buckets joined its buckets."""
+        return await self.run(lambda conn: self._map_tenant(conn, tenant, ref, source))
+
+    def close(self) -> None:
+        """Finish queued work, then close the write connection."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join()
+
+
+# ---- reads ---------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def reader(path: Path) -> Iterator[sqlite3.Connection]:
+    """A short-lived read-only connection (works while the daemon is down, too)."""
+    if not path.exists():
+        raise FileNotFoundError(f"no database at {path}")
+    conn = connect(path, readonly=True)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@dataclass(frozen=True, kw_only=True)
+class UsageFilter:
+    """Filters for usage queries; None means any."""
+
+    customer: str | None = None
+    dimension: str | None = None
+    state: str | None = None
+    since: int | None = None  # hour >= since
+    until: int | None = None  # hour < until
+
+
+def _where(f: UsageFilter, alias: str = "b") -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    args: list[Any] = []
+    if f.customer is not None:
+        clauses.append(f"({alias}.customer = ? OR {alias}.customer LIKE ?)")
+        args += [f.customer, f"%:{f.customer}%"]
+    if f.dimension is not None:
+        clauses.append(f"{alias}.dimension = ?")
+        args.append(f.dimension)
+    if f.state is not None:
+        clauses.append(f"{alias}.state = ?")
+        args.append(f.state)
+    if f.since is not None:
+        clauses.append(f"{alias}.hour >= ?")
+        args.append(f.since)
+    if f.until is not None:
+        clauses.append(f"{alias}.hour < ?")
+        args.append(f.until)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+
+def usage_rows(conn: sqlite3.Connection, f: UsageFilter, *, limit: int = 5000) -> list[dict[str, Any]]:
+    """Bucket rows, newest hour first, with their record's delivery details when one exists."""
+    where, args = _where(f)
+    sql = (
+        "SELECT b.*, r.timestamp AS record_timestamp, r.attempts, r.aws_status,"
+        " r.metering_record_id, r.last_error, r.sent_at"
+        " FROM buckets b LEFT JOIN records r"
+        " ON r.customer = b.customer AND r.dimension = b.dimension AND r.hour = b.hour"
+        f"{where} ORDER BY b.hour DESC, b.customer, b.dimension LIMIT ?"
+    )
+    return [dict(r) for r in conn.execute(sql, [*args, limit])]
+
+
+def usage_totals(conn: sqlite3.Connection, f: UsageFilter) -> list[dict[str, Any]]:
+    """Per customer and dimension: raw usage still open, whole units by state, and the carry."""
+    where, args = _where(f)
+    totals: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in conn.execute(
+        "SELECT b.customer, b.dimension, b.state, sum(b.raw) AS raw, sum(b.quantity) AS quantity,"
+        " sum(b.events) AS events, max(b.unit) AS unit"
+        f" FROM buckets b{where} GROUP BY b.customer, b.dimension, b.state",
+        args,
+    ):
+        t = totals.setdefault(
+            (r["customer"], r["dimension"]),
+            {"customer": r["customer"], "dimension": r["dimension"], "unit_raw": r["unit"],
+             "open_raw": 0, "events": 0, "quantity_by_state": {}, "carry_raw": 0},
+        )
+        t["events"] += r["events"]
+        if r["state"] in OPEN_STATES:
+            t["open_raw"] += r["raw"]
+            t["quantity_by_state"][r["state"]] = 0
+        else:
+            t["quantity_by_state"][r["state"]] = r["quantity"] or 0
+    for r in conn.execute("SELECT customer, dimension, raw FROM carries"):
+        t = totals.get((r["customer"], r["dimension"]))
+        if t is not None:
+            t["carry_raw"] = r["raw"]
+    return list(totals.values())
+
+
+def health(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
+    """Facts for /healthz: the oldest sealed-but-unsent bucket and its age."""
+    row = conn.execute(
+        "SELECT min(hour) AS h FROM buckets WHERE state IN ('sealed', 'pending')"
+    ).fetchone()
+    oldest = row["h"] if row and row["h"] is not None else None
+    return {
+        "oldest_unsent_hour": oldest,
+        "oldest_unsent_age_s": (int(now) - (oldest + 3600)) if oldest is not None else None,
+    }
