@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from helpers import T0, event
-from hypothesis import HealthCheck, given, settings as hsettings
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from sidecar.clock import HOUR_S, ManualClock, hour_start

@@ -1,131 +1,37 @@
-"""The SQLite store: the only module that touches the database.
+"""The writer: one thread owns the only write connection and runs every write transaction.
 
-One writer thread owns the only write connection and runs every write in a short
-`BEGIN IMMEDIATE` transaction; concurrent ingest requests are merged into one transaction
-(group commit) so a burst costs one fsync, not one per request. Reads use their own
-connections (WAL lets them run beside the writer).
-
-The interface is deliberately narrow (ingest batch, seal, map tenant, freeze, claim records,
-record outcomes, query usage) so a PostgreSQL backend for fleets can implement the same.
+Concurrent ingest requests are merged into one transaction (group commit) so a burst costs one
+fsync, not one per request; each request runs in its own savepoint so a bad one cannot fail its
+neighbours. Reads use their own connections (WAL lets them run beside the writer).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import sqlite_utils
 import structlog
 
 from sidecar.clock import Clock, hour_start
 from sidecar.config import CustomerRef, Settings
-from sidecar.errors import DatabaseCorrupt, StoreClosed, StoreUnavailable
+from sidecar.errors import StoreClosed
 from sidecar.events import UsageEvent
+from sidecar.store.db import _unavailable, check_integrity, connect, migrate
 from sidecar.usage import BucketKey, Delta, add_event, sealing_watermark, target_hour, whole_units
 
 log = structlog.get_logger("sidecar.store")
 
 T = TypeVar("T")
 MAX_GROUP_EVENTS = 20_000  # cap on events merged into one group commit
-OPEN_STATES = ("open", "unmapped")
 WATERMARK_KEY = "sealed_before"
-
-
-def schema_dir() -> Path:
-    """Where the numbered SQL migrations live: inside the wheel, or the checkout's schema/."""
-    packaged = Path(__file__).parent / "_schema"
-    if packaged.is_dir():
-        return packaged
-    return Path(__file__).resolve().parent.parent / "schema"
-
-
-def _statements(sql: str) -> Iterator[str]:
-    """Split a SQL script into complete statements (executescript would commit on its own)."""
-    buf = ""
-    for line in sql.splitlines(keepends=True):
-        buf += line
-        if sqlite3.complete_statement(buf):
-            if buf.strip():
-                yield buf
-            buf = ""
-    if buf.strip() and not all(
-        ln.strip().startswith("--") or not ln.strip() for ln in buf.splitlines()
-    ):
-        raise ValueError(f"incomplete SQL statement at the end of a migration: {buf[:80]!r}")
-
-
-def migrations() -> sqlite_utils.Migrations:
-    """One migration step per numbered file in schema/, applied in order and recorded."""
-    steps = sqlite_utils.Migrations("sidecar")
-    for path in sorted(schema_dir().glob("[0-9][0-9][0-9]_*.sql")):
-        sql = path.read_text(encoding="utf-8")
-
-        def apply(db: sqlite_utils.Database, sql: str = sql) -> None:
-            for statement in _statements(sql):
-                db.execute(statement)
-
-        steps(name=path.stem)(apply)
-    return steps
-
-
-def connect(path: Path, *, synchronous: str = "FULL", readonly: bool = False) -> sqlite3.Connection:
-    """A connection with the product's pragmas; autocommit mode so transactions are explicit."""
-    if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
-                               check_same_thread=False)
-    else:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA busy_timeout = 10000")
-    if not readonly:
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA synchronous = {synchronous}")
-    conn.execute("PRAGMA foreign_keys = ON")
-    return conn
-
-
-def migrate(path: Path) -> list[str]:
-    """Apply pending migrations; returns the names applied (empty when up to date)."""
-    conn = connect(path)
-    try:
-        db = sqlite_utils.Database(conn)
-        steps = migrations()
-        pending = [m.name for m in steps.pending(db)]
-        steps.apply(db)
-        return pending
-    finally:
-        conn.close()
-
-
-def check_integrity(path: Path) -> None:
-    """Raise DatabaseCorrupt if SQLite's quick check finds damage. A missing file is fine."""
-    if not path.exists():
-        return
-    try:
-        conn = sqlite3.connect(path, isolation_level=None)
-        try:
-            rows = conn.execute("PRAGMA quick_check").fetchall()
-        finally:
-            conn.close()
-    except sqlite3.DatabaseError as exc:
-        raise DatabaseCorrupt(f"{path}: {exc}") from exc
-    if rows != [("ok",)]:
-        detail = "; ".join(str(r[0]) for r in rows[:5])
-        raise DatabaseCorrupt(f"{path}: integrity check failed: {detail}")
-
-
-def _unavailable(exc: sqlite3.Error) -> StoreUnavailable:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return StoreUnavailable(f"database write failed: {exc}", disk_full=code == sqlite3.SQLITE_FULL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +98,7 @@ class Store:
                 continue
             group = [job]
             n = len(job.events)
-            pending: _Job | None | bool = False
+            pending: _Job | bool | None = False
             while n < MAX_GROUP_EVENTS:
                 try:
                     nxt = self._queue.get_nowait()
@@ -484,102 +390,3 @@ class Store:
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join()
-
-
-# ---- reads ---------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def reader(path: Path) -> Iterator[sqlite3.Connection]:
-    """A short-lived read-only connection (works while the daemon is down, too)."""
-    if not path.exists():
-        raise FileNotFoundError(f"no database at {path}")
-    conn = connect(path, readonly=True)
-    try:
-        yield conn
-    finally:
-        conn.close()
-
-
-@dataclass(frozen=True, kw_only=True)
-class UsageFilter:
-    """Filters for usage queries; None means any."""
-
-    customer: str | None = None
-    dimension: str | None = None
-    state: str | None = None
-    since: int | None = None  # hour >= since
-    until: int | None = None  # hour < until
-
-
-def _where(f: UsageFilter, alias: str = "b") -> tuple[str, list[Any]]:
-    clauses: list[str] = []
-    args: list[Any] = []
-    if f.customer is not None:
-        clauses.append(f"({alias}.customer = ? OR {alias}.customer LIKE ?)")
-        args += [f.customer, f"%:{f.customer}%"]
-    if f.dimension is not None:
-        clauses.append(f"{alias}.dimension = ?")
-        args.append(f.dimension)
-    if f.state is not None:
-        clauses.append(f"{alias}.state = ?")
-        args.append(f.state)
-    if f.since is not None:
-        clauses.append(f"{alias}.hour >= ?")
-        args.append(f.since)
-    if f.until is not None:
-        clauses.append(f"{alias}.hour < ?")
-        args.append(f.until)
-    return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
-
-
-def usage_rows(conn: sqlite3.Connection, f: UsageFilter, *, limit: int = 5000) -> list[dict[str, Any]]:
-    """Bucket rows, newest hour first, with their record's delivery details when one exists."""
-    where, args = _where(f)
-    sql = (
-        "SELECT b.*, r.timestamp AS record_timestamp, r.attempts, r.aws_status,"
-        " r.metering_record_id, r.last_error, r.sent_at"
-        " FROM buckets b LEFT JOIN records r"
-        " ON r.customer = b.customer AND r.dimension = b.dimension AND r.hour = b.hour"
-        f"{where} ORDER BY b.hour DESC, b.customer, b.dimension LIMIT ?"
-    )
-    return [dict(r) for r in conn.execute(sql, [*args, limit])]
-
-
-def usage_totals(conn: sqlite3.Connection, f: UsageFilter) -> list[dict[str, Any]]:
-    """Per customer and dimension: raw usage still open, whole units by state, and the carry."""
-    where, args = _where(f)
-    totals: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in conn.execute(
-        "SELECT b.customer, b.dimension, b.state, sum(b.raw) AS raw, sum(b.quantity) AS quantity,"
-        " sum(b.events) AS events, max(b.unit) AS unit"
-        f" FROM buckets b{where} GROUP BY b.customer, b.dimension, b.state",
-        args,
-    ):
-        t = totals.setdefault(
-            (r["customer"], r["dimension"]),
-            {"customer": r["customer"], "dimension": r["dimension"], "unit_raw": r["unit"],
-             "open_raw": 0, "events": 0, "quantity_by_state": {}, "carry_raw": 0},
-        )
-        t["events"] += r["events"]
-        if r["state"] in OPEN_STATES:
-            t["open_raw"] += r["raw"]
-            t["quantity_by_state"][r["state"]] = 0
-        else:
-            t["quantity_by_state"][r["state"]] = r["quantity"] or 0
-    for r in conn.execute("SELECT customer, dimension, raw FROM carries"):
-        t = totals.get((r["customer"], r["dimension"]))
-        if t is not None:
-            t["carry_raw"] = r["raw"]
-    return list(totals.values())
-
-
-def health(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
-    """Facts for /healthz: the oldest sealed-but-unsent bucket and its age."""
-    row = conn.execute(
-        "SELECT min(hour) AS h FROM buckets WHERE state IN ('sealed', 'pending')"
-    ).fetchone()
-    oldest = row["h"] if row and row["h"] is not None else None
-    return {
-        "oldest_unsent_hour": oldest,
-        "oldest_unsent_age_s": (int(now) - (oldest + 3600)) if oldest is not None else None,
-    }
