@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -13,10 +14,11 @@ import structlog
 from aiohttp import web
 
 from sidecar import store as store_mod
-from sidecar.clock import Clock, SystemClock
+from sidecar.clock import HOUR_S, Clock, SystemClock, hour_start
 from sidecar.config import CustomerRef, Settings
 from sidecar.errors import BadBody, InvalidEvent, StoreClosed, StoreUnavailable
 from sidecar.events import JSON_TYPES, NDJSON_TYPES, UsageEvent, parse_body, validate_event
+from sidecar.flush import Flusher, MeteringApi
 from sidecar.store import Store, UsageFilter
 
 log = structlog.get_logger("sidecar.app")
@@ -25,7 +27,7 @@ SETTINGS = web.AppKey("settings", Settings)
 CLOCK = web.AppKey("clock", Clock)  # type: ignore[type-abstract]
 STORE = web.AppKey("store", Store)
 DRAINING = web.AppKey("draining", asyncio.Event)
-BACKGROUND = web.AppKey("background", list)
+FLUSHER = web.AppKey("flusher", Flusher)
 
 OPEN_PATHS = frozenset({"/healthz", "/metrics"})
 RETRY_AFTER_S = "5"
@@ -220,39 +222,67 @@ async def get_healthz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if writable else 503)
 
 
-async def maintenance_loop(app: web.Application) -> None:
-    """Seal due hours on a fixed interval; failures are logged and retried next round."""
-    store = app[STORE]
-    interval = min(app[SETTINGS].flush_interval_s, 30.0)
-    while True:
+async def maintenance_loop(app: web.Application, stop: asyncio.Event) -> None:
+    """Seal, freeze and flush every SIDECAR_FLUSH_INTERVAL_S until told to stop (between passes)."""
+    flusher = app[FLUSHER]
+    interval = app[SETTINGS].flush_interval_s
+    while not stop.is_set():
         try:
-            await store.seal_due()
+            await flusher.flush_once()
         except (StoreUnavailable, StoreClosed) as exc:
-            log.warning("seal_failed", error=str(exc))
-        await asyncio.sleep(interval)
+            log.warning("flush_failed", error=str(exc))
+        except Exception:
+            log.exception("flush_crashed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
 
 
-def create_app(settings: Settings, *, clock: Clock | None = None, background: bool = True) -> web.Application:
-    """The sidecar's aiohttp application. `background=False` leaves loops to the caller (tests)."""
+async def shutdown_flush(app: web.Application, deadline_s: float) -> None:
+    """On SIGTERM: seal the open hour and send what is owed until the deadline; the rest stays pending."""
+    store, flusher = app[STORE], app[FLUSHER]
+    now = app[CLOCK].now()
+    try:
+        await store.seal_through(hour_start(now) + HOUR_S)
+        summary = await asyncio.wait_for(flusher.drain(deadline_s=deadline_s), timeout=deadline_s)
+        log.info("shutdown_flush_done", **summary.as_dict())
+    except TimeoutError:
+        log.warning("shutdown_flush_deadline", deadline_s=deadline_s, note="unsent records stay pending")
+    except (StoreUnavailable, StoreClosed) as exc:
+        log.warning("shutdown_flush_failed", error=str(exc))
+
+
+def create_app(settings: Settings, *, clock: Clock | None = None, api: MeteringApi | None = None,
+               background: bool = True) -> web.Application:
+    """The sidecar's aiohttp application.
+
+    `api` sends to AWS (None: dry run, requests are only logged). `background=False` leaves the
+    flush loop and the shutdown flush to the caller (tests drive `app[FLUSHER]` directly).
+    """
     app = web.Application(middlewares=[auth_middleware], client_max_size=settings.max_body_bytes + 1)
     app[SETTINGS] = settings
     app[CLOCK] = clock or SystemClock()
     app[DRAINING] = asyncio.Event()
-    app[BACKGROUND] = []
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
+        started = time.monotonic()
         store = await asyncio.to_thread(Store.open, settings.db_path, settings=settings, clock=app[CLOCK])
         app[STORE] = store
-        tasks = [asyncio.create_task(maintenance_loop(app))] if background else []
+        app[FLUSHER] = Flusher(store, api, settings, app[CLOCK])
+        stop = asyncio.Event()
+        loop_task = asyncio.create_task(maintenance_loop(app, stop)) if background else None
         log.info("sidecar_started", db=str(settings.db_path), synchronous=settings.synchronous,
-                 dimensions=[d.name for d in settings.dimensions])
+                 dimensions=[d.name for d in settings.dimensions], dry_run=api is None,
+                 startup_ms=round((time.monotonic() - started) * 1000))
         yield
         app[DRAINING].set()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        deadline = time.monotonic() + settings.shutdown_deadline_s
+        if loop_task is not None:
+            stop.set()
+            try:
+                await asyncio.wait_for(loop_task, timeout=settings.shutdown_deadline_s)
+            except TimeoutError:
+                log.warning("flush_pass_cut_short_by_shutdown")
+            await shutdown_flush(app, max(0.5, deadline - time.monotonic()))
         await asyncio.to_thread(store.close)
         log.info("sidecar_stopped")
 

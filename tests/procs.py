@@ -35,6 +35,11 @@ class SidecarProcess:
             "SIDECAR_DB": str(db),
             "SIDECAR_LISTEN": f"127.0.0.1:{self.port}",
             "SIDECAR_LOG_FORMAT": "json",
+            "AWS_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": "AKIDTEST",
+            "AWS_SECRET_ACCESS_KEY": "test-secret",
+            # Nothing listens here unless a test points it at a simulator: sends fail to connect.
+            "AWS_ENDPOINT_URL_MARKETPLACE_METERING": f"http://127.0.0.1:{free_port()}",
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None

@@ -24,6 +24,7 @@ from sidecar.clock import Clock, hour_start
 from sidecar.config import CustomerRef, Settings
 from sidecar.errors import StoreClosed
 from sidecar.events import UsageEvent
+from sidecar.store import records
 from sidecar.store.db import _unavailable, check_integrity, connect, migrate
 from sidecar.usage import BucketKey, Delta, add_event, sealing_watermark, target_hour, whole_units
 
@@ -65,8 +66,12 @@ class Store:
         self.group_sizes: list[int] = []  # recent group-commit sizes, read by metrics
 
     @classmethod
-    def open(cls, path: Path, *, settings: Settings, clock: Clock) -> Store:
-        """Check, migrate and open the database, load tenant mappings, start the writer thread."""
+    def open(cls, path: Path, *, settings: Settings, clock: Clock, resume: bool = True) -> Store:
+        """Check, migrate and open the database, load tenant mappings, start the writer thread.
+
+        `resume` marks sends that were under way when the last process died as possibly received;
+        only the process that owns sending (the daemon, or `flush --once`) may do that.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
         check_integrity(path)
         migrate(path)
@@ -77,6 +82,12 @@ class Store:
         }
         row = store._conn.execute("SELECT value FROM meta WHERE key = ?", (WATERMARK_KEY,)).fetchone()
         store._watermark = int(row["value"]) if row else 0
+        store._conn.execute("BEGIN IMMEDIATE")
+        resumed = records.resume_in_flight(store._conn) if resume else 0
+        store._conn.execute("COMMIT")
+        if resumed:
+            log.warning("resumed_in_flight_records", records=resumed,
+                        note="their earlier send may have reached AWS; they are resent unchanged")
         store._thread = threading.Thread(target=store._writer, name="sidecar-writer", daemon=True)
         store._thread.start()
         for tenant, ref in settings.customers.items():
@@ -221,7 +232,7 @@ class Store:
             else:
                 duplicates += 1
         self._ensure_customers(conn, new_customers)
-        self._apply_deltas(conn, deltas)
+        self.apply_deltas(conn, deltas)
         return IngestResult(accepted=accepted, duplicates=duplicates)
 
     @staticmethod
@@ -239,7 +250,7 @@ class Store:
                     (key, who),
                 )
 
-    def _apply_deltas(self, conn: sqlite3.Connection, deltas: dict[BucketKey, Delta]) -> None:
+    def apply_deltas(self, conn: sqlite3.Connection, deltas: dict[BucketKey, Delta]) -> None:
         """Add deltas to open buckets. A sealed bucket is never touched: that would be a bug."""
         if not deltas:
             return
@@ -264,9 +275,14 @@ class Store:
 
     # ---- sealing and tenant mapping ------------------------------------------------------
 
-    def _seal(self, conn: sqlite3.Connection) -> int:
+    def watermark(self, now: float) -> int:
+        """Hours starting before this are sealed or due to be (never moves back)."""
+        return sealing_watermark(now, self.settings.hour_grace_s, self._watermark)
+
+    def _seal(self, conn: sqlite3.Connection, *, through: int | None = None) -> int:
+        """Seal due hours; `through` also seals hours starting before it (shutdown seals the open hour)."""
         now = self.clock.now()
-        watermark = sealing_watermark(now, self.settings.hour_grace_s, self._watermark)
+        watermark = max(self.watermark(now), through or 0)
         rows = conn.execute(
             "SELECT customer, dimension, hour, raw, unit FROM buckets"
             " WHERE state = 'open' AND hour < ? ORDER BY hour, customer, dimension",
@@ -332,7 +348,7 @@ class Store:
             " WHERE customer = ?",
             (key, watermark, current, src),
         )
-        self._apply_deltas(conn, deltas)
+        self.apply_deltas(conn, deltas)
         # The in-memory map is the writer's own; a failed commit raises before callers see it,
         # and the next transaction would re-read nothing stale because only this thread writes.
         self._tenants[tenant] = key
@@ -373,6 +389,10 @@ class Store:
     async def seal_due(self) -> int:
         """Seal every open bucket whose hour ended more than the grace period ago."""
         return await self.run(self._seal)
+
+    async def seal_through(self, before: int) -> int:
+        """Seal every open bucket of hours starting before `before` (used at shutdown)."""
+        return await self.run(lambda conn: self._seal(conn, through=before))
 
     def seal_due_sync(self) -> int:
         """Blocking form of `seal_due`."""

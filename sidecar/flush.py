@@ -1,0 +1,318 @@
+"""The flusher: seal, freeze, and send frozen records with BatchMeterUsage, oldest first.
+
+One serial submitter (as AWS's own reference pipeline does) paced to the configured calls/s.
+Per-record outcomes and request-level errors follow DESIGN.md: identical resends only, bisection
+for batches refused for their content, window expiry by policy, and `unknown` (never carried)
+for any record whose send may have reached AWS without an answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+import structlog
+
+from sidecar.clock import Clock
+from sidecar.config import Settings
+from sidecar.marketplace import CallResult
+from sidecar.store import Store
+from sidecar.store import records as rec
+
+log = structlog.get_logger("sidecar.flush")
+
+MAX_RECORDS_PER_CALL = 25
+MAX_REQUEST_BYTES = 1_000_000
+BASE_BACKOFF_S = 2.0
+
+
+class MeteringApi(Protocol):
+    """What the flusher needs from the Marketplace client (blocking; run in a thread)."""
+
+    def batch_meter_usage(self, records: Sequence[Mapping[str, Any]], product_code: str | None) -> CallResult: ...
+
+
+class Pacer:
+    """Spaces call starts at least 1/rate seconds apart (AWS's quota: 10 calls/s per account)."""
+
+    def __init__(self, calls_per_s: float, *, monotonic: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.interval = 1.0 / calls_per_s
+        self._next = 0.0
+        self._monotonic = monotonic
+        self._sleep = sleep
+
+    async def wait(self) -> None:
+        """Return when the next call may start (event loops may wake early, so re-check)."""
+        now = self._monotonic()
+        while now < self._next:
+            await self._sleep(self._next - now)
+            now = self._monotonic()
+        self._next = now + self.interval
+
+
+def backoff_s(attempts: int, *, cap_s: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter."""
+    return rng.uniform(0, min(cap_s, BASE_BACKOFF_S * 2 ** max(attempts - 1, 0)))
+
+
+def split_batches(records: Sequence[rec.DueRecord]) -> list[list[rec.DueRecord]]:
+    """Keep each call under AWS's request size limit (25 small records never come close)."""
+    batches: list[list[rec.DueRecord]] = [[]]
+    size = 0
+    for r in records:
+        n = len(json.dumps(r.payload)) + 2
+        if batches[-1] and (len(batches[-1]) >= MAX_RECORDS_PER_CALL or size + n > MAX_REQUEST_BYTES - 1000):
+            batches.append([])
+            size = 0
+        batches[-1].append(r)
+        size += n
+    return [b for b in batches if b]
+
+
+def result_key(scheme: str, usage_record: Mapping[str, Any]) -> tuple[str, str, str, int]:
+    """Match key of an echoed UsageRecord (botocore parses its Timestamp into a datetime)."""
+    ts = usage_record.get("Timestamp")
+    epoch = int(ts.timestamp()) if isinstance(ts, datetime) else int(ts or 0)
+    who = usage_record.get("CustomerIdentifier") or (
+        f"{usage_record.get('CustomerAWSAccountId')}/{usage_record.get('LicenseArn')}")
+    return (scheme, str(who), str(usage_record.get("Dimension")), epoch)
+
+
+@dataclass
+class FlushSummary:
+    """What one flush pass did."""
+
+    frozen: int = 0
+    calls: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    pending: int = 0
+
+    @property
+    def failed(self) -> bool:
+        """Anything left unsent or ended in a state an operator must look at."""
+        bad = ("rejected", "conflict", "unknown", "expired")
+        return self.pending > 0 or any(self.outcomes[s] for s in bad)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"frozen": self.frozen, "calls": self.calls, "outcomes": dict(self.outcomes),
+                "pending": self.pending}
+
+
+class Flusher:
+    """Sends what is owed. One instance per store; never run two at once."""
+
+    def __init__(self, store: Store, api: MeteringApi | None, settings: Settings, clock: Clock, *,
+                 rng: random.Random | None = None, pacer: Pacer | None = None) -> None:
+        self.store = store
+        self.api = api
+        self.settings = settings
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.pacer = pacer or Pacer(settings.calls_per_s)
+        self.calls_by_outcome: Counter[str] = Counter()
+        self.records_by_outcome: Counter[str] = Counter()
+        self._lock = asyncio.Lock()
+
+    async def prepare(self, summary: FlushSummary | None = None) -> int:
+        """Seal due hours, freeze sealed buckets, close expired windows; returns records frozen."""
+        s = self.settings
+        await self.store.seal_due()
+        now = self.clock.now()
+        frozen = await self.store.run(lambda c: rec.freeze(c, now=now, product_code=s.product_code))
+        closed = await self.store.run(lambda c: rec.close_windows(
+            c, now=now, window_s=s.window_s, margin_s=s.window_margin_s, policy=s.expired_policy,
+            watermark=self.store.watermark(now), apply_deltas=self.store.apply_deltas))
+        for state, n in closed.items():
+            self.records_by_outcome[state] += n
+            if summary is not None:
+                summary.outcomes[state] += n
+        return frozen
+
+    async def flush_once(self) -> FlushSummary:
+        """One pass: prepare, then send every due record (records backing off wait for the next pass)."""
+        async with self._lock:
+            summary = FlushSummary()
+            summary.frozen = await self.prepare(summary)
+            if self.settings.dry_run or self.api is None:
+                await self._dry_run(summary)
+            else:
+                while True:
+                    now = self.clock.now()
+                    batch = await self.store.run(lambda c, now=now: rec.claim(c, now=now, limit=MAX_RECORDS_PER_CALL))
+                    if not batch:
+                        break
+                    for part in split_batches(batch):
+                        await self._send(part, summary)
+            info = await self.store.run(rec.pending_summary)
+            summary.pending = info["by_state"].get("pending", 0)
+            if summary.calls or summary.frozen:
+                log.info("flush_done", **summary.as_dict())
+            return summary
+
+    async def drain(self, *, deadline_s: float) -> FlushSummary:
+        """Flush repeatedly until nothing is pending or the deadline passes (sleeping out backoffs)."""
+        end = time.monotonic() + deadline_s
+        total = FlushSummary()
+        while True:
+            s = await self.flush_once()
+            total.frozen += s.frozen
+            total.calls += s.calls
+            total.outcomes.update(s.outcomes)
+            total.pending = s.pending
+            if not s.pending or self.settings.dry_run or self.api is None:
+                return total
+            info = await self.store.run(rec.pending_summary)
+            wait = max(0.0, (info["next_attempt_at"] or 0) - self.clock.now())
+            if time.monotonic() + wait >= end:
+                return total
+            await asyncio.sleep(max(wait, 0.05))
+
+    async def _dry_run(self, summary: FlushSummary) -> None:
+        now = self.clock.now()
+        due = await self.store.run(lambda c: rec.peek_due(c, now=now, limit=10_000))
+        for part in split_batches(due):
+            request: dict[str, Any] = {"UsageRecords": [r.payload for r in part]}
+            if part[0].product_code:
+                request["ProductCode"] = part[0].product_code
+            log.info("dry_run_request", operation="BatchMeterUsage", request=request)
+            summary.outcomes["dry_run"] += len(part)
+
+    async def _call(self, batch: Sequence[rec.DueRecord]) -> CallResult:
+        assert self.api is not None
+        await self.pacer.wait()
+        result = await asyncio.to_thread(
+            self.api.batch_meter_usage, [r.payload for r in batch], batch[0].product_code)
+        self.calls_by_outcome[result.error.split(":")[0] if result.error else result.kind] += 1
+        return result
+
+    async def _send(self, batch: list[rec.DueRecord], summary: FlushSummary) -> None:
+        try:
+            result = await self._call(batch)
+        except BaseException:
+            # Cancelled or crashed mid-call: the request may have left. Queue (without awaiting)
+            # the write that puts these records back, marked as possibly received.
+            now = self.clock.now()
+            ids = [r.id for r in batch]
+            self.store.submit(lambda c: rec.mark_retry(c, ids, error="send interrupted; outcome unknown",
+                                                       maybe_received=True, next_attempt_at=dict.fromkeys(ids, now)))
+            raise
+        summary.calls += 1
+        now = self.clock.now()
+        if result.kind == "answered":
+            await self._apply_answer(batch, result, now, summary)
+        elif result.kind == "retry":
+            await self._retry(batch, result.error or "retry", result.maybe_received, summary)
+        elif result.kind == "timestamp":
+            outside = [r for r in batch if not rec.aws_accepts(r.timestamp, now=now, window_s=self.settings.window_s)]
+            if outside:
+                await self._close(outside, summary, reason=result.error or "TimestampOutOfBounds")
+                rest = [r for r in batch if r not in outside]
+                if rest:
+                    await self._send(rest, summary)
+            elif len(batch) > 1:
+                await self._bisect(batch, summary)
+            else:
+                # Our clock says AWS should accept it: clock skew. Retry; the window rule ends it.
+                await self._retry(batch, result.error or "TimestampOutOfBounds", False, summary)
+        elif len(batch) > 1:  # invalid: find the records AWS objects to, send the rest
+            await self._bisect(batch, summary)
+        else:
+            await self._terminal(batch[0], "rejected", None, result.error or "invalid", summary)
+
+    async def _bisect(self, batch: list[rec.DueRecord], summary: FlushSummary) -> None:
+        mid = len(batch) // 2
+        await self._send(batch[:mid], summary)
+        await self._send(batch[mid:], summary)
+
+    async def _apply_answer(self, batch: list[rec.DueRecord], result: CallResult, now: float,
+                            summary: FlushSummary) -> None:
+        by_key = {r.match_key: r for r in batch}
+        seen: set[int] = set()
+        done: list[tuple[rec.DueRecord, str, str | None, str | None]] = []
+        for res in result.results:
+            r = by_key.get(result_key(batch[0].scheme, res.get("UsageRecord", {})))
+            if r is None or r.id in seen:
+                log.error("unmatched_result", result=str(res)[:300])
+                continue
+            seen.add(r.id)
+            done.append((r, str(res.get("Status")), res.get("MeteringRecordId"), None))
+        unprocessed = []
+        for u in result.unprocessed:
+            r = by_key.get(result_key(batch[0].scheme, u))
+            if r is not None and r.id not in seen:
+                seen.add(r.id)
+                unprocessed.append(r)
+        missing = [r for r in batch if r.id not in seen]
+
+        def apply(conn: Any) -> None:
+            for r, status, mrid, _ in done:
+                if status == "Success":
+                    rec.mark_sent(conn, r.id, status=status, metering_record_id=mrid, now=now)
+                elif status == "DuplicateRecord" and r.maybe_received:
+                    # Our own earlier send of this same frozen record landed: it is billed.
+                    rec.mark_sent(conn, r.id, status=status, metering_record_id=mrid, now=now)
+                elif status == "DuplicateRecord":
+                    rec.mark_terminal(conn, r.id, state="conflict", status=status,
+                                      error="AWS already holds a different record for this customer, "
+                                            "dimension and hour (another sender?)")
+                elif status == "CustomerNotSubscribed":
+                    rec.mark_terminal(conn, r.id, state="rejected", status=status,
+                                      error="customer not subscribed; replay after they subscribe")
+                else:
+                    rec.mark_retry(conn, [r.id], error=f"unexpected status {status!r}", maybe_received=True,
+                                   next_attempt_at={r.id: now + self._backoff(r)})
+
+        await self.store.run(apply)
+        for r, status, _, _ in done:
+            state = ("sent" if status == "Success" or (status == "DuplicateRecord" and r.maybe_received)
+                     else "conflict" if status == "DuplicateRecord"
+                     else "rejected" if status == "CustomerNotSubscribed" else "retry")
+            summary.outcomes[state] += 1
+            self.records_by_outcome[state] += 1
+            if state == "conflict":
+                log.error("record_conflict", record=r.id, payload=r.payload)
+        if unprocessed:
+            await self._retry(unprocessed, "UnprocessedRecords", False, summary)
+        if missing:
+            await self._retry(missing, "no result for this record in the answer", True, summary)
+
+    def _backoff(self, r: rec.DueRecord) -> float:
+        return backoff_s(r.attempts, cap_s=self.settings.max_backoff_s, rng=self.rng)
+
+    async def _retry(self, batch: Sequence[rec.DueRecord], error: str, maybe_received: bool,
+                     summary: FlushSummary) -> None:
+        now = self.clock.now()
+        next_at = {r.id: now + self._backoff(r) for r in batch}
+        await self.store.run(lambda c: rec.mark_retry(c, [r.id for r in batch], error=error,
+                                                      maybe_received=maybe_received, next_attempt_at=next_at))
+        summary.outcomes["retry"] += len(batch)
+        self.records_by_outcome["retry"] += len(batch)
+        log.warning("send_retry", records=len(batch), error=error, maybe_received=maybe_received)
+
+    async def _terminal(self, r: rec.DueRecord, state: str, status: str | None, error: str,
+                        summary: FlushSummary) -> None:
+        await self.store.run(lambda c: rec.mark_terminal(c, r.id, state=state, status=status, error=error))
+        summary.outcomes[state] += 1
+        self.records_by_outcome[state] += 1
+        log.error("record_rejected", record=r.id, error=error, payload=r.payload)
+
+    async def _close(self, batch: Sequence[rec.DueRecord], summary: FlushSummary, *, reason: str) -> None:
+        now = self.clock.now()
+        s = self.settings
+
+        def apply(conn: Any) -> list[str]:
+            return [rec.close_window(conn, r.id, policy=s.expired_policy, now=now,
+                                     watermark=self.store.watermark(now), apply_deltas=self.store.apply_deltas,
+                                     reason=reason) for r in batch]
+
+        for state in await self.store.run(apply):
+            summary.outcomes[state] += 1
+            self.records_by_outcome[state] += 1
