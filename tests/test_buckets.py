@@ -204,3 +204,23 @@ def test_conservation_property(steps: list[tuple[Any, ...]]) -> None:
             assert {k: v for k, v in got.items() if v} == {k: v for k, v in expected.items() if v}
         finally:
             store.close()
+
+
+def test_heartbeats_fill_idle_hours(tmp_path: Path, clock: ManualClock) -> None:
+    """With heartbeats on, an idle hour of a recently active customer gets zero-quantity buckets."""
+    s = Settings(db_path=tmp_path / "hb.db", heartbeats=True, heartbeat_hours=2)
+    store = Store.open(s.db_path, settings=s, clock=clock)
+    try:
+        ingest(store, event(1, when=H09 + 10))
+        clock.set(H10 + 400)
+        store.seal_due_sync()
+        clock.set(H10 + 4 * HOUR_S + 400)  # 10:00 .. 13:00 are idle and sealed now
+        store.seal_due_sync()
+        b = buckets(store)
+        hb = sorted({h for (c, d, h) in b if h > H09})
+        assert hb == [H10, H10 + HOUR_S]  # only within heartbeat_hours of the last activity
+        zero = b[("identifier:cust-a", "tokens-processed", H10)]
+        assert (zero["state"], zero["raw"], zero["quantity"]) == ("sealed", 0, 0)
+        assert ("identifier:cust-a", "gpu-hours", H10) in b
+    finally:
+        store.close()

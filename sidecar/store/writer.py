@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import queue
 import sqlite3
 import threading
@@ -20,7 +21,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from sidecar.clock import Clock, hour_start
+from sidecar.clock import HOUR_S, Clock, hour_start
 from sidecar.config import CustomerRef, Settings
 from sidecar.errors import StoreClosed
 from sidecar.events import UsageEvent
@@ -283,6 +284,8 @@ class Store:
         """Seal due hours; `through` also seals hours starting before it (shutdown seals the open hour)."""
         now = self.clock.now()
         watermark = max(self.watermark(now), through or 0)
+        if self.settings.heartbeats:
+            self._add_heartbeats(conn, sealed_before=self._watermark, watermark=watermark, now=now)
         rows = conn.execute(
             "SELECT customer, dimension, hour, raw, unit FROM buckets"
             " WHERE state = 'open' AND hour < ? ORDER BY hour, customer, dimension",
@@ -313,6 +316,25 @@ class Store:
         if rows:
             log.info("hours_sealed", buckets=len(rows), sealed_before=watermark)
         return len(rows)
+
+    def _add_heartbeats(self, conn: sqlite3.Connection, *, sealed_before: int, watermark: int, now: float) -> None:
+        """Zero buckets for idle hours of customers active in the last N hours (AWS's recommendation).
+
+        Only hours that are about to be sealed and not in the future; existing buckets are untouched.
+        """
+        lookback = self.settings.heartbeat_hours * HOUR_S
+        first = max(sealed_before, watermark - 7 * 24 * HOUR_S)  # bounded after a long outage
+        last = min(watermark, hour_start(now))
+        for hour in range(first, last, HOUR_S):
+            conn.execute(
+                "INSERT INTO buckets (customer, dimension, hour, state, raw, events, carried_in, first_event_at, unit)"
+                " SELECT DISTINCT b.customer, d.name, ?, 'open', 0, 0, 0, ?, d.unit"
+                " FROM buckets b, (SELECT value ->> '$.name' AS name, value ->> '$.unit' AS unit FROM json_each(?)) d"
+                " WHERE b.hour >= ? AND b.hour < ? AND b.events > 0 AND b.customer NOT LIKE 'tenant:%'"
+                " ON CONFLICT (customer, dimension, hour) DO NOTHING",
+                (hour, hour, json.dumps([{"name": d.name, "unit": d.raw_unit} for d in self.settings.dimensions]),
+                 hour - lookback, hour),
+            )
 
     def _map_tenant(self, conn: sqlite3.Connection, tenant: str, ref: CustomerRef, source: str) -> int:
         """Map a tenant to a customer and move its unmapped usage into that customer's open buckets."""
