@@ -64,6 +64,19 @@ def parse_when(name: str, value: str) -> int:
 
 
 @web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every refusal is JSON, including aiohttp's own 404/405/413."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        return error(exc.status, exc.reason, path=request.path)
+
+
+@web.middleware
 async def auth_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
@@ -258,7 +271,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, api: MeteringA
     `api` sends to AWS (None: dry run, requests are only logged). `background=False` leaves the
     flush loop and the shutdown flush to the caller (tests drive `app[FLUSHER]` directly).
     """
-    app = web.Application(middlewares=[auth_middleware], client_max_size=settings.max_body_bytes + 1)
+    app = web.Application(middlewares=[json_errors, auth_middleware], client_max_size=settings.max_body_bytes + 1)
     app[SETTINGS] = settings
     app[CLOCK] = clock or SystemClock()
     app[DRAINING] = asyncio.Event()

@@ -64,7 +64,13 @@ class MeteringClient:
         )
         endpoint = env.get("AWS_ENDPOINT_URL_MARKETPLACE_METERING") or env.get("AWS_ENDPOINT_URL") or None
         kwargs: dict[str, Any] = {}
-        if credentials is not None:
+        if credentials is None and env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+            # Static keys given in the mapping we were handed (tests, the CLI); otherwise botocore's
+            # own chain: environment, profile, ECS task role (AWS_CONTAINER_CREDENTIALS_RELATIVE_URI).
+            kwargs = {"aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+                      "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+                      "aws_session_token": env.get("AWS_SESSION_TOKEN")}
+        elif credentials is not None:
             kwargs = {"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]}
         self._client = session.create_client(
             "meteringmarketplace", region_name=settings.region, endpoint_url=endpoint, config=config, **kwargs
