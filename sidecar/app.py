@@ -19,6 +19,7 @@ from sidecar.config import CustomerRef, Settings
 from sidecar.errors import BadBody, InvalidEvent, StoreClosed, StoreUnavailable
 from sidecar.events import JSON_TYPES, NDJSON_TYPES, UsageEvent, parse_body, validate_event
 from sidecar.flush import Flusher, MeteringApi
+from sidecar.metrics import Metrics
 from sidecar.store import Store, UsageFilter
 
 log = structlog.get_logger("sidecar.app")
@@ -28,6 +29,7 @@ CLOCK = web.AppKey("clock", Clock)  # type: ignore[type-abstract]
 STORE = web.AppKey("store", Store)
 DRAINING = web.AppKey("draining", asyncio.Event)
 FLUSHER = web.AppKey("flusher", Flusher)
+METRICS = web.AppKey("metrics", Metrics)
 
 OPEN_PATHS = frozenset({"/healthz", "/metrics"})
 RETRY_AFTER_S = "5"
@@ -113,7 +115,18 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 
 async def post_events(request: web.Request) -> web.Response:
-    """POST /v1/events: validate, store durably, and only then answer."""
+    """POST /v1/events, timed and counted for /metrics."""
+    metrics = request.app[METRICS]
+    started = time.perf_counter()
+    response = await ingest_events(request)
+    metrics.ingest_latency.observe(time.perf_counter() - started)
+    if response.status >= 400 and response.status != 422:
+        metrics.requests_refused.labels(str(response.status)).inc()
+    return response
+
+
+async def ingest_events(request: web.Request) -> web.Response:
+    """Validate, store durably, and only then answer."""
     settings = request.app[SETTINGS]
     if request.app[DRAINING].is_set():
         return web.json_response({"error": "shutting down; retry on the next sidecar"}, status=503,
@@ -150,6 +163,15 @@ async def post_events(request: web.Request) -> web.Response:
             return web.json_response({"error": "shutting down"}, status=503,
                                      headers={"Retry-After": RETRY_AFTER_S})
         accepted, duplicates = result.accepted, result.duplicates
+    metrics = request.app[METRICS]
+    metrics.events.labels("accepted").inc(accepted)
+    metrics.events.labels("duplicate").inc(duplicates)
+    metrics.events.labels("rejected").inc(len(rejected))
+    for r in rejected:
+        metrics.rejected.labels(r["error"].split(":", 1)[0] if ":" in r["error"] else "body").inc()
+    if request.headers.get("X-Spool-Replay"):
+        metrics.spool_replay_events.labels("accepted").inc(accepted)
+        metrics.spool_replay_events.labels("duplicate").inc(duplicates)
     if rejected:
         log.info("events_rejected", count=len(rejected), first=rejected[0]["error"])
     status = 422 if rejected and not valid else 200
@@ -235,6 +257,12 @@ async def get_healthz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if writable else 503)
 
 
+async def get_metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text format."""
+    body = await asyncio.to_thread(request.app[METRICS].render)
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
 async def maintenance_loop(app: web.Application, stop: asyncio.Event) -> None:
     """Seal, freeze and flush every SIDECAR_FLUSH_INTERVAL_S until told to stop (between passes)."""
     flusher = app[FLUSHER]
@@ -242,6 +270,7 @@ async def maintenance_loop(app: web.Application, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
             await flusher.flush_once()
+            app[METRICS].pruned.inc(await app[STORE].prune())
         except (StoreUnavailable, StoreClosed) as exc:
             log.warning("flush_failed", error=str(exc))
         except Exception:
@@ -275,12 +304,15 @@ def create_app(settings: Settings, *, clock: Clock | None = None, api: MeteringA
     app[SETTINGS] = settings
     app[CLOCK] = clock or SystemClock()
     app[DRAINING] = asyncio.Event()
+    app[METRICS] = Metrics()
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         started = time.monotonic()
         store = await asyncio.to_thread(Store.open, settings.db_path, settings=settings, clock=app[CLOCK])
         app[STORE] = store
         app[FLUSHER] = Flusher(store, api, settings, app[CLOCK])
+        store.on_group = app[METRICS].group_size.observe
+        app[METRICS].attach(db_path=settings.db_path, now=app[CLOCK].now, flusher=app[FLUSHER])
         stop = asyncio.Event()
         loop_task = asyncio.create_task(maintenance_loop(app, stop)) if background else None
         log.info("sidecar_started", db=str(settings.db_path), synchronous=settings.synchronous,
@@ -308,5 +340,6 @@ def create_app(settings: Settings, *, clock: Clock | None = None, api: MeteringA
     app.router.add_put("/v1/customers/{tenant}", put_customer)
     app.router.add_get("/usage", get_usage)
     app.router.add_get("/healthz", get_healthz)
+    app.router.add_get("/metrics", get_metrics)
     return app
 

@@ -105,6 +105,7 @@ class Settings:
     token: str | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     max_event_age_s: int = 48 * 3600
+    retention_s: int = 48 * 3600
     max_future_s: int = 300
     hour_grace_s: int = 300
     flush_interval_s: float = 60.0
@@ -159,6 +160,7 @@ ENV_SETTINGS: Mapping[str, str] = {
     "SIDECAR_TOKEN": "token",
     "SIDECAR_MAX_BODY_BYTES": "max_body_bytes",
     "SIDECAR_MAX_EVENT_AGE_S": "max_event_age_s",
+    "SIDECAR_RETENTION_S": "retention_s",
     "SIDECAR_HOUR_GRACE_S": "hour_grace_s",
     "SIDECAR_FLUSH_INTERVAL_S": "flush_interval_s",
     "SIDECAR_PRODUCT_CODE": "product_code",
@@ -180,6 +182,7 @@ ENV_SETTINGS: Mapping[str, str] = {
 _PARSERS: Mapping[str, Any] = {
     "max_body_bytes": _int,
     "max_event_age_s": _int,
+    "retention_s": _int,
     "hour_grace_s": _int,
     "flush_interval_s": _float,
     "connect_timeout_s": _float,
@@ -201,7 +204,7 @@ _CHOICES: Mapping[str, tuple[str, ...]] = {
     "log_level": ("debug", "info", "warning", "error"),
 }
 
-_POSITIVE = ("max_body_bytes", "max_event_age_s", "flush_interval_s", "calls_per_s", "window_s",
+_POSITIVE = ("max_body_bytes", "max_event_age_s", "retention_s", "flush_interval_s", "calls_per_s", "window_s",
              "connect_timeout_s", "read_timeout_s", "max_backoff_s", "shutdown_deadline_s",
              "heartbeat_hours")
 _NON_NEGATIVE = ("hour_grace_s", "window_margin_s")

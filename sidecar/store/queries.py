@@ -100,12 +100,41 @@ def usage_totals(conn: sqlite3.Connection, f: UsageFilter) -> list[dict[str, Any
 
 
 def health(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
-    """Facts for /healthz: the oldest sealed-but-unsent bucket and its age."""
+    """Facts for /healthz: the oldest sealed-but-unsent hour, and the oldest pending record's age."""
     row = conn.execute(
         "SELECT min(hour) AS h FROM buckets WHERE state IN ('sealed', 'pending')"
     ).fetchone()
     oldest = row["h"] if row and row["h"] is not None else None
+    pending_age = oldest_pending_age_s(conn, now)
     return {
         "oldest_unsent_hour": oldest,
         "oldest_unsent_age_s": (int(now) - (oldest + 3600)) if oldest is not None else None,
+        "oldest_pending_age_s": None if pending_age is None else int(pending_age),
     }
+
+
+def state_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+    """Buckets and records by state, for metrics."""
+    buckets = {r["state"]: r["n"] for r in conn.execute("SELECT state, count(*) AS n FROM buckets GROUP BY state")}
+    recs = {r["state"]: r["n"] for r in conn.execute("SELECT state, count(*) AS n FROM records GROUP BY state")}
+    return {"buckets": buckets, "records": recs}
+
+
+def oldest_pending_age_s(conn: sqlite3.Connection, now: float) -> float | None:
+    """Age of the oldest record still owed to AWS (the alarm signal before its window closes)."""
+    row = conn.execute(
+        "SELECT min(timestamp) AS t FROM records WHERE state = 'pending'"
+    ).fetchone()
+    sealed = conn.execute("SELECT min(hour) AS h FROM buckets WHERE state = 'sealed'").fetchone()
+    candidates = [v for v in (row["t"], sealed["h"]) if v is not None]
+    return max(0.0, now - min(candidates)) if candidates else None
+
+
+def db_size_bytes(path: Path) -> int:
+    """The database file plus its WAL."""
+    total = 0
+    for suffix in ("", "-wal", "-shm"):
+        p = Path(f"{path}{suffix}")
+        if p.exists():
+            total += p.stat().st_size
+    return total

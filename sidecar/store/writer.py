@@ -64,7 +64,7 @@ class Store:
         self._conn: sqlite3.Connection | None = None
         self._tenants: dict[str, str] = {}
         self._watermark = 0
-        self.group_sizes: list[int] = []  # recent group-commit sizes, read by metrics
+        self.on_group: Callable[[int], None] | None = None  # told each group commit's request count
 
     @classmethod
     def open(cls, path: Path, *, settings: Settings, clock: Clock, resume: bool = True) -> Store:
@@ -191,9 +191,8 @@ class Store:
                 job.future.set_exception(res)
             else:
                 job.future.set_result(res)
-        self.group_sizes.append(len(group))
-        if len(self.group_sizes) > 1000:
-            del self.group_sizes[:500]
+        if self.on_group is not None:
+            self.on_group(len(group))
         log.debug(
             "ingest_committed",
             requests=len(group),
@@ -411,6 +410,36 @@ class Store:
     async def seal_due(self) -> int:
         """Seal every open bucket whose hour ended more than the grace period ago."""
         return await self.run(self._seal)
+
+    def _prune(self, conn: sqlite3.Connection, *, limit: int) -> int:
+        """Delete up to `limit` event rows that can no longer matter.
+
+        A row is kept while a duplicate of it could still be accepted (its time is within
+        SIDECAR_MAX_EVENT_AGE_S, so a repost is rejected for age rather than re-counted), for at
+        least SIDECAR_RETENTION_S after it arrived, and while its bucket is not yet sent or final.
+        """
+        now = self.clock.now()
+        cur = conn.execute(
+            "DELETE FROM events WHERE event_id IN ("
+            " SELECT e.event_id FROM events e WHERE e.received_at < ? AND e.time < ?"
+            " AND NOT EXISTS (SELECT 1 FROM buckets b WHERE b.customer = e.customer AND b.hour = e.hour"
+            "   AND b.state IN ('open', 'unmapped', 'sealed', 'pending'))"
+            " LIMIT ?)",
+            (now - self.settings.retention_s, now - self.settings.max_event_age_s, limit),
+        )
+        return cur.rowcount
+
+    async def prune(self, *, batch: int = 1000, max_batches: int = 20) -> int:
+        """Prune old event rows in small transactions, off the hot path; returns rows deleted."""
+        total = 0
+        for _ in range(max_batches):
+            n = await self.run(lambda conn: self._prune(conn, limit=batch))
+            total += n
+            if n < batch:
+                break
+        if total:
+            log.info("events_pruned", rows=total)
+        return total
 
     async def seal_through(self, before: int) -> int:
         """Seal every open bucket of hours starting before `before` (used at shutdown)."""

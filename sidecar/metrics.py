@@ -1,0 +1,85 @@
+"""Prometheus metrics: counters the app and flusher update, gauges read from the database at scrape."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from sidecar.store import queries
+
+
+class Metrics:
+    """One registry per app, so tests and several apps in one process never share counters."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.events = Counter("sidecar_events_total", "Usage events by result (accepted, duplicate, rejected).",
+                              ["result"], registry=self.registry)
+        self.rejected = Counter("sidecar_events_rejected_total", "Rejected events by the field that broke the contract.",
+                                ["field"], registry=self.registry)
+        self.requests_refused = Counter("sidecar_ingest_refused_total",
+                                        "Ingest requests refused whole, by HTTP status.", ["status"],
+                                        registry=self.registry)
+        self.ingest_latency = Histogram(
+            "sidecar_ingest_latency_seconds", "Time from request to durable acknowledgement of POST /v1/events.",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry)
+        self.group_size = Histogram(
+            "sidecar_group_commit_requests", "Ingest requests merged into one SQLite transaction.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.spool_replay_events = Counter(
+            "sidecar_spool_replay_events_total", "Events received from a reporter's spool replay (X-Spool-Replay).",
+            ["result"], registry=self.registry)
+        self.pruned = Counter("sidecar_events_pruned_total", "Event rows deleted by retention.", registry=self.registry)
+
+    def attach(self, *, db_path: Path, now: Callable[[], float], flusher: Any) -> None:
+        """Add the scrape-time collector that reads state from the database and the flusher."""
+        self.registry.register(_StateCollector(db_path, now, flusher))
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)
+
+
+class _StateCollector(Collector):
+    def __init__(self, db_path: Path, now: Callable[[], float], flusher: Any) -> None:
+        self.db_path = db_path
+        self.now = now
+        self.flusher = flusher
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        buckets = GaugeMetricFamily("sidecar_buckets", "Hourly buckets by state.", labels=["state"])
+        records = GaugeMetricFamily("sidecar_records", "Metering records by state.", labels=["state"])
+        oldest = GaugeMetricFamily(
+            "sidecar_oldest_pending_age_seconds",
+            "Age of the oldest usage still owed to AWS (sealed or pending); alarm well before 24 h.")
+        size = GaugeMetricFamily("sidecar_db_size_bytes", "SQLite database file plus WAL.")
+        if self.db_path.exists():
+            with queries.reader(self.db_path) as conn:
+                counts = queries.state_counts(conn)
+                age = queries.oldest_pending_age_s(conn, self.now())
+            for state, n in sorted(counts["buckets"].items()):
+                buckets.add_metric([state], n)
+            for state, n in sorted(counts["records"].items()):
+                records.add_metric([state], n)
+            oldest.add_metric([], age or 0.0)
+            size.add_metric([], queries.db_size_bytes(self.db_path))
+        yield from (buckets, records, oldest, size)
+        calls = CounterMetricFamily("sidecar_marketplace_calls", "BatchMeterUsage calls by outcome.", labels=["outcome"])
+        for outcome, n in sorted(self.flusher.calls_by_outcome.items()):
+            calls.add_metric([outcome], n)
+        yield calls
+        outcomes = CounterMetricFamily("sidecar_marketplace_records",
+                                       "Record outcomes (sent, rejected, conflict, retry, carried, ...).",
+                                       labels=["outcome"])
+        for outcome, n in sorted(self.flusher.records_by_outcome.items()):
+            outcomes.add_metric([outcome], n)
+        yield outcomes
