@@ -20,8 +20,9 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.events = Counter("sidecar_events_total", "Usage events by result (accepted, duplicate, rejected).",
                               ["result"], registry=self.registry)
-        self.rejected = Counter("sidecar_events_rejected_total", "Rejected events by the field that broke the contract.",
-                                ["field"], registry=self.registry)
+        self.rejected = Counter("sidecar_events_rejected_total",
+                                "Rejected events by the field that broke the contract.", ["field"],
+                                registry=self.registry)
         self.requests_refused = Counter("sidecar_ingest_refused_total",
                                         "Ingest requests refused whole, by HTTP status.", ["status"],
                                         registry=self.registry)
@@ -73,7 +74,8 @@ class _StateCollector(Collector):
             oldest.add_metric([], age or 0.0)
             size.add_metric([], queries.db_size_bytes(self.db_path))
         yield from (buckets, records, oldest, size)
-        calls = CounterMetricFamily("sidecar_marketplace_calls", "BatchMeterUsage calls by outcome.", labels=["outcome"])
+        calls = CounterMetricFamily("sidecar_marketplace_calls", "BatchMeterUsage calls by outcome.",
+                                    labels=["outcome"])
         for outcome, n in sorted(self.flusher.calls_by_outcome.items()):
             calls.add_metric([outcome], n)
         yield calls
