@@ -66,10 +66,16 @@ def parse_when(name: str, value: str) -> int:
 
 
 @web.middleware
-async def json_errors(
+async def edge_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Every refusal is JSON, including aiohttp's own 404/405/413."""
+    """Bearer-token check (when SIDECAR_TOKEN is set; not for health and metrics), and every
+    refusal as JSON, aiohttp's own 404/405/413 included."""
+    token = request.app[SETTINGS].token
+    if token and request.path not in OPEN_PATHS:
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return error(401, "missing or wrong bearer token", hint="send Authorization: Bearer <SIDECAR_TOKEN>")
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -78,40 +84,29 @@ async def json_errors(
         return error(exc.status, exc.reason, path=request.path)
 
 
-@web.middleware
-async def auth_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """When SIDECAR_TOKEN is set, every route but health and metrics needs `Bearer <token>`."""
-    token = request.app[SETTINGS].token
-    if token and request.path not in OPEN_PATHS:
-        given = request.headers.get("Authorization", "")
-        expected = f"Bearer {token}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            return error(401, "missing or wrong bearer token", hint="send Authorization: Bearer <SIDECAR_TOKEN>")
-    return await handler(request)
-
-
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, refusing more than `limit` bytes without reading it all into memory."""
+    """The request body, refusing more than `limit` bytes (declared or streamed) with a JSON 413."""
+    too_large = web.HTTPRequestEntityTooLarge(
+        max_size=limit, actual_size=request.content_length or limit + 1,
+        text=f'{{"error": "body is larger than {limit} bytes (SIDECAR_MAX_BODY_BYTES)"}}',
+        content_type="application/json",
+    )
     if request.content_length is not None and request.content_length > limit:
-        raise web.HTTPRequestEntityTooLarge(
-            max_size=limit, actual_size=request.content_length,
-            text=f'{{"error": "body is larger than {limit} bytes (SIDECAR_MAX_BODY_BYTES)"}}',
-            content_type="application/json",
-        )
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_chunked(65536):
-        size += len(chunk)
-        if size > limit:
-            raise web.HTTPRequestEntityTooLarge(
-                max_size=limit, actual_size=size,
-                text=f'{{"error": "body is larger than {limit} bytes (SIDECAR_MAX_BODY_BYTES)"}}',
-                content_type="application/json",
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
+        raise too_large
+    body = await request.content.read(limit + 1) if request.content_length is None else await request.read()
+    if request.content_length is None:
+        chunks = [body]
+        size = len(body)
+        while size <= limit:
+            chunk = await request.content.read(limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        body = b"".join(chunks)
+    if len(body) > limit:
+        raise too_large
+    return body
 
 
 async def post_events(request: web.Request) -> web.Response:
@@ -164,9 +159,10 @@ async def ingest_events(request: web.Request) -> web.Response:
                                      headers={"Retry-After": RETRY_AFTER_S})
         accepted, duplicates = result.accepted, result.duplicates
     metrics = request.app[METRICS]
-    metrics.events.labels("accepted").inc(accepted)
-    metrics.events.labels("duplicate").inc(duplicates)
-    metrics.events.labels("rejected").inc(len(rejected))
+    metrics.accepted.inc(accepted)
+    metrics.duplicates.inc(duplicates)
+    if rejected:
+        metrics.rejected_events.inc(len(rejected))
     for r in rejected:
         metrics.rejected.labels(r["error"].split(":", 1)[0] if ":" in r["error"] else "body").inc()
     if request.headers.get("X-Spool-Replay"):
@@ -300,7 +296,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, api: MeteringA
     `api` sends to AWS (None: dry run, requests are only logged). `background=False` leaves the
     flush loop and the shutdown flush to the caller (tests drive `app[FLUSHER]` directly).
     """
-    app = web.Application(middlewares=[json_errors, auth_middleware], client_max_size=settings.max_body_bytes + 1)
+    app = web.Application(middlewares=[edge_middleware], client_max_size=settings.max_body_bytes + 1)
     app[SETTINGS] = settings
     app[CLOCK] = clock or SystemClock()
     app[DRAINING] = asyncio.Event()

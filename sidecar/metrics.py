@@ -20,6 +20,10 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.events = Counter("sidecar_events_total", "Usage events by result (accepted, duplicate, rejected).",
                               ["result"], registry=self.registry)
+        # Children resolved once: label lookups take a lock on every call.
+        self.accepted = self.events.labels("accepted")
+        self.duplicates = self.events.labels("duplicate")
+        self.rejected_events = self.events.labels("rejected")
         self.rejected = Counter("sidecar_events_rejected_total",
                                 "Rejected events by the field that broke the contract.", ["field"],
                                 registry=self.registry)

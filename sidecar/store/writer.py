@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import queue
 import sqlite3
@@ -46,9 +47,52 @@ class IngestResult:
 
 @dataclass(slots=True)
 class _Job:
+    """Work for the writer: `fn` in its own transaction, or (fn=None) events for a group commit.
+
+    Its caller waits either on a concurrent future (threads) or on an asyncio future of `loop`;
+    asyncio futures of one group are settled with a single wake-up of their loop.
+    """
+
     fn: Callable[[sqlite3.Connection], Any] | None
-    future: concurrent.futures.Future[Any]
     events: Sequence[UsageEvent] = field(default_factory=tuple)
+    future: concurrent.futures.Future[Any] | None = None
+    afuture: asyncio.Future[Any] | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def wanted(self) -> bool:
+        """False when the caller gave up before the work started (nothing is done then)."""
+        if self.future is not None:
+            return self.future.set_running_or_notify_cancel()
+        return self.afuture is not None and not self.afuture.cancelled()
+
+
+Outcome = tuple[_Job, Any, BaseException | None]
+
+
+def _settle(outcomes: list[Outcome]) -> None:
+    by_loop: dict[asyncio.AbstractEventLoop, list[Outcome]] = {}
+    for job, value, exc in outcomes:
+        if job.future is not None:
+            if exc is not None:
+                job.future.set_exception(exc)
+            else:
+                job.future.set_result(value)
+        elif job.loop is not None:
+            by_loop.setdefault(job.loop, []).append((job, value, exc))
+    for loop, items in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            loop.call_soon_threadsafe(_settle_async, items)
+
+
+def _settle_async(items: list[Outcome]) -> None:
+    for job, value, exc in items:
+        fut = job.afuture
+        if fut is None or fut.done():
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)
 
 
 class Store:
@@ -129,7 +173,7 @@ class Store:
         conn.close()
 
     def _run_one(self, conn: sqlite3.Connection, job: _Job) -> None:
-        if not job.future.set_running_or_notify_cancel():
+        if not job.wanted():
             return
         assert job.fn is not None
         try:
@@ -142,19 +186,19 @@ class Store:
                     conn.execute("ROLLBACK")
                 raise
         except sqlite3.OperationalError as exc:
-            job.future.set_exception(_unavailable(exc))
+            _settle([(job, None, _unavailable(exc))])
         except BaseException as exc:
-            job.future.set_exception(exc)
+            _settle([(job, None, exc)])
         else:
-            job.future.set_result(result)
+            _settle([(job, result, None)])
 
     def _run_group(self, conn: sqlite3.Connection, group: list[_Job]) -> None:
         """Ingest several requests in one transaction; each request in its own savepoint."""
-        group = [j for j in group if j.future.set_running_or_notify_cancel()]
+        group = [j for j in group if j.wanted()]
         if not group:
             return
         started = time.perf_counter()
-        results: list[tuple[_Job, IngestResult | BaseException]] = []
+        results: list[Outcome] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -163,14 +207,13 @@ class Store:
                 for job in group:
                     conn.execute("SAVEPOINT job")
                     try:
-                        res: IngestResult | BaseException = self._ingest(conn, job.events, now, watermark)
+                        results.append((job, self._ingest(conn, job.events, now, watermark), None))
                     except sqlite3.OperationalError:
                         raise
                     except Exception as exc:  # one bad request must not fail its neighbours
                         conn.execute("ROLLBACK TO job")
-                        res = exc
+                        results.append((job, None, exc))
                     conn.execute("RELEASE job")
-                    results.append((job, res))
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -179,18 +222,12 @@ class Store:
         except sqlite3.OperationalError as exc:
             err = _unavailable(exc)
             log.warning("ingest_commit_failed", error=str(exc), requests=len(group), disk_full=err.disk_full)
-            for job in group:
-                job.future.set_exception(err)
+            _settle([(job, None, err) for job in group])
             return
         except BaseException as exc:
-            for job in group:
-                job.future.set_exception(exc)
+            _settle([(job, None, exc) for job in group])
             return
-        for job, res in results:
-            if isinstance(res, BaseException):
-                job.future.set_exception(res)
-            else:
-                job.future.set_result(res)
+        _settle(results)
         if self.on_group is not None:
             self.on_group(len(group))
         log.debug(
@@ -393,7 +430,12 @@ class Store:
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Awaitable form of `submit`."""
-        return await asyncio.wrap_future(self.submit(fn))
+        if self._closed:
+            raise StoreClosed("the store is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Job(fn=fn, afuture=fut, loop=loop))
+        return await fut
 
     def ingest_future(self, events: Sequence[UsageEvent]) -> concurrent.futures.Future[IngestResult]:
         """Queue validated events for the next group commit."""
@@ -405,7 +447,12 @@ class Store:
 
     async def ingest(self, events: Sequence[UsageEvent]) -> IngestResult:
         """Store events durably (dedup by event_id, buckets updated in the same transaction)."""
-        return await asyncio.wrap_future(self.ingest_future(events))
+        if self._closed:
+            raise StoreClosed("the store is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[IngestResult] = loop.create_future()
+        self._queue.put(_Job(fn=None, events=events, afuture=fut, loop=loop))
+        return await fut
 
     async def seal_due(self) -> int:
         """Seal every open bucket whose hour ended more than the grace period ago."""
