@@ -30,6 +30,7 @@ STORE = web.AppKey("store", Store)
 DRAINING = web.AppKey("draining", asyncio.Event)
 FLUSHER = web.AppKey("flusher", Flusher)
 METRICS = web.AppKey("metrics", Metrics)
+INGEST_ERROR = web.AppKey("ingest_error", dict)  # the last ingest commit failure, cleared by a success
 
 OPEN_PATHS = frozenset({"/healthz", "/metrics"})
 RETRY_AFTER_S = "5"
@@ -152,12 +153,14 @@ async def ingest_events(request: web.Request) -> web.Response:
             result = await request.app[STORE].ingest(valid)
         except StoreUnavailable as exc:
             status = 507 if exc.disk_full else 503
+            request.app[INGEST_ERROR].update(error=str(exc), at=int(now), disk_full=exc.disk_full)
             return web.json_response({"error": str(exc), "stored": 0}, status=status,
                                      headers={"Retry-After": RETRY_AFTER_S})
         except StoreClosed:
             return web.json_response({"error": "shutting down"}, status=503,
                                      headers={"Retry-After": RETRY_AFTER_S})
         accepted, duplicates = result.accepted, result.duplicates
+        request.app[INGEST_ERROR].clear()
     metrics = request.app[METRICS]
     metrics.accepted.inc(accepted)
     metrics.duplicates.inc(duplicates)
@@ -246,8 +249,12 @@ async def get_healthz(request: web.Request) -> web.Response:
             return store_mod.health(conn, now)
 
     facts = await asyncio.to_thread(query)
-    body = {"status": "ok" if writable else "unavailable", "db_writable": writable,
-            "draining": request.app[DRAINING].is_set(), **facts}
+    ingest_error = dict(request.app[INGEST_ERROR])
+    # A full disk is reported, not answered with 503: ECS would replace the task, and the
+    # unsent usage in this task's database would go with it.
+    status = "unavailable" if not writable else "degraded" if ingest_error else "ok"
+    body = {"status": status, "db_writable": writable, "draining": request.app[DRAINING].is_set(),
+            "ingest_error": ingest_error or None, **facts}
     if problem:
         body["error"] = problem
     return web.json_response(body, status=200 if writable else 503)
@@ -301,6 +308,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, api: MeteringA
     app[CLOCK] = clock or SystemClock()
     app[DRAINING] = asyncio.Event()
     app[METRICS] = Metrics()
+    app[INGEST_ERROR] = {}
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         started = time.monotonic()
