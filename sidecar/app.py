@@ -20,6 +20,7 @@ from sidecar.errors import BadBody, InvalidEvent, StoreClosed, StoreUnavailable
 from sidecar.events import JSON_TYPES, NDJSON_TYPES, UsageEvent, parse_body, validate_event
 from sidecar.flush import Flusher, MeteringApi
 from sidecar.metrics import Metrics
+from sidecar.page import render_usage_page
 from sidecar.store import Store, UsageFilter
 
 log = structlog.get_logger("sidecar.app")
@@ -221,15 +222,24 @@ async def get_usage(request: web.Request) -> web.Response:
         until=parse_when("to", q["to"]) if "to" in q else None,
     )
     path = request.app[STORE].path
+    now = request.app[CLOCK].now()
+    wants_html = "text/html" in request.headers.get("Accept", "") and request.query.get("format") != "json"
 
     def query() -> dict[str, Any]:
         with store_mod.reader(path) as conn:
-            return {
+            data = {
                 "rows": [present_row(r) for r in store_mod.usage_rows(conn, filt)],
                 "totals": store_mod.usage_totals(conn, filt),
             }
+            if wants_html:
+                data["health"] = store_mod.health(conn, now)
+            return data
 
-    return web.json_response(await asyncio.to_thread(query))
+    data = await asyncio.to_thread(query)
+    if wants_html:
+        return web.Response(text=render_usage_page(data, now=now), content_type="text/html",
+                            headers={"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"})
+    return web.json_response(data)
 
 
 async def get_healthz(request: web.Request) -> web.Response:

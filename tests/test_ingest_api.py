@@ -202,3 +202,16 @@ async def test_future_and_stale_events_rejected(client: TestClient[Any, Any], se
     assert "in the future" in body["rejected"][0]["error"]
     assert "older than" in body["rejected"][1]["error"]
     assert stored(settings)[0] == 0
+
+
+async def test_usage_page_for_browsers(client: TestClient[Any, Any]) -> None:
+    """A browser asking for HTML gets the self-contained operator page; ?format=json forces JSON."""
+    await client.post("/v1/events", json=[event(1, customer={"customer_identifier": "<script>x</script>"})])
+    resp = await client.get("/usage", headers={"Accept": "text/html,application/xhtml+xml"})
+    assert resp.status == 200
+    assert resp.content_type == "text/html"
+    assert "default-src 'none'" in resp.headers["Content-Security-Policy"]
+    html = await resp.text()
+    assert "&lt;script&gt;x&lt;/script&gt;" in html and "<script>x" not in html
+    resp = await client.get("/usage", params={"format": "json"}, headers={"Accept": "text/html"})
+    assert resp.content_type == "application/json"
