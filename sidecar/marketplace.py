@@ -92,8 +92,9 @@ class MeteringClient:
                 return CallResult(kind="timestamp", error=message)
             if code in INVALID_BATCH:
                 return CallResult(kind="invalid", error=message)
-            # Throttling and other 4xx answers are definite refusals; a 5xx might hide a partial success.
-            return CallResult(kind="retry", error=message, maybe_received=status >= 500)
+            # Throttling, other 4xx and 503 (service unavailable) are refusals before processing;
+            # any other 5xx (InternalServiceError) might hide a success, so it counts as maybe received.
+            return CallResult(kind="retry", error=message, maybe_received=status >= 500 and status != 503)
         except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError) as exc:
             # The request never left: nothing can have been processed.
             return CallResult(kind="retry", error=f"connect: {exc}", maybe_received=False)
