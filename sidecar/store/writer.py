@@ -107,6 +107,8 @@ class Store:
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._tenants: dict[str, str] = {}
+        self._known_customers: set[str] = set()  # customer rows known to be committed
+        self._pending_customers: set[str] = set()  # written in the transaction under way
         self._watermark = 0
         self.on_group: Callable[[int], None] | None = None  # told each group commit's request count
 
@@ -215,10 +217,13 @@ class Store:
                         results.append((job, None, exc))
                     conn.execute("RELEASE job")
                 conn.execute("COMMIT")
+                self._known_customers |= self._pending_customers
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            finally:
+                self._pending_customers.clear()
         except sqlite3.OperationalError as exc:
             err = _unavailable(exc)
             log.warning("ingest_commit_failed", error=str(exc), requests=len(group), disk_full=err.disk_full)
@@ -240,11 +245,24 @@ class Store:
     def _ingest(
         self, conn: sqlite3.Connection, events: Sequence[UsageEvent], now: float, watermark: int
     ) -> IngestResult:
-        accepted = duplicates = 0
+        """Store the events not seen before and add their usage to buckets (we hold the write lock).
+
+        Duplicates are found with one lookup for the whole batch (and within it: first one wins);
+        new rows go in with one executemany. Row and usage are written together or not at all.
+        """
+        fresh: dict[str, UsageEvent] = {}
+        for ev in events:
+            fresh.setdefault(ev.event_id, ev)
+        known = {r[0] for r in conn.execute(
+            "SELECT event_id FROM events WHERE event_id IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(fresh)),))}
         deltas: dict[BucketKey, Delta] = {}
         now_s = int(now)
         new_customers: dict[str, CustomerRef | str] = {}
-        for ev in events:
+        rows = []
+        for event_id, ev in fresh.items():
+            if event_id in known:
+                continue
             if ev.customer is not None:
                 customer = ev.customer.key
                 new_customers.setdefault(customer, ev.customer)
@@ -255,26 +273,25 @@ class Store:
                 if mapped is None:
                     new_customers.setdefault(customer, ev.tenant)
             hour, late = target_hour(ev.time, now=now, watermark=watermark)
-            cur = conn.execute(
-                "INSERT INTO events (event_id, time, received_at, customer, tenant, hour, model,"
-                " prompt_tokens, completion_tokens, cached_tokens, gpu_micros, finish)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (event_id) DO NOTHING",
-                (ev.event_id, int(ev.time), now_s, customer, ev.tenant, hour, ev.model,
-                 ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens, ev.gpu_micros, ev.finish),
-            )
-            if cur.rowcount == 1:
-                accepted += 1
-                add_event(deltas, ev, customer=customer, hour=hour, late=late,
-                          dimensions=self.settings.dimensions)
-            else:
-                duplicates += 1
+            rows.append((event_id, int(ev.time), now_s, customer, ev.tenant, hour, ev.model,
+                         ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens, ev.gpu_micros, ev.finish))
+            add_event(deltas, ev, customer=customer, hour=hour, late=late, dimensions=self.settings.dimensions)
+        conn.executemany(
+            "INSERT INTO events (event_id, time, received_at, customer, tenant, hour, model,"
+            " prompt_tokens, completion_tokens, cached_tokens, gpu_micros, finish)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            rows,
+        )
         self._ensure_customers(conn, new_customers)
         self.apply_deltas(conn, deltas)
-        return IngestResult(accepted=accepted, duplicates=duplicates)
+        self._pending_customers.update(new_customers)
+        return IngestResult(accepted=len(rows), duplicates=len(events) - len(rows))
 
-    @staticmethod
-    def _ensure_customers(conn: sqlite3.Connection, customers: dict[str, CustomerRef | str]) -> None:
+    def _ensure_customers(self, conn: sqlite3.Connection, customers: dict[str, CustomerRef | str]) -> None:
+        """Customer rows for keys this writer has not written yet (the set is a cache, not the truth)."""
         for key, who in customers.items():
+            if key in self._known_customers:
+                continue
             if isinstance(who, CustomerRef):
                 conn.execute(
                     "INSERT INTO customers (customer, aws_account_id, license_arn, customer_identifier)"
