@@ -231,7 +231,8 @@ def test_usage_reaches_sidecar_and_marketplace_exactly(capsys: pytest.CaptureFix
             http_json("PUT", f"{sidecar_url}/v1/customers/{tenant}", {"customer_identifier": ident})
 
         t = time.monotonic()
-        made = subprocess.run([str(VLLM_PYTHON), str(ROOT / "deploy" / "vllm-cpu" / "make_tiny_model.py"), str(model_dir)],
+        maker = ROOT / "deploy" / "vllm-cpu" / "make_tiny_model.py"
+        made = subprocess.run([str(VLLM_PYTHON), str(maker), str(model_dir)],
                               capture_output=True, text=True, timeout=300, check=False)
         assert made.returncode == 0, made.stdout + made.stderr
         timings["make_tiny_model_s"] = time.monotonic() - t
