@@ -185,6 +185,47 @@ def bench_flush(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "records_per_call": summary.outcomes["sent"] / max(summary.calls, 1)}
 
 
+def bench_retention(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Constant load over simulated hours with retention on: rows and file size must level off."""
+    hours = 6 if args.smoke else 12
+    per_hour = 5_000 if args.smoke else 20_000
+    port = free_port()
+    sim = start([sys.executable, "-m", "sidecar", "simulate-marketplace", "--listen", f"127.0.0.1:{port}",
+                 "--subscribe-all", "--product-code", "bench"])
+    try:
+        wait_http(f"http://127.0.0.1:{port}/_sim/state")
+        t0 = hour_start(time.time()) - hours * HOUR_S
+        clock = ManualClock(t0 + 60)
+        settings = Settings(db_path=tmp / "retention.db", region="us-east-1", product_code="bench",
+                            retention_s=2 * HOUR_S, max_event_age_s=2 * HOUR_S, calls_per_s=1000)
+        store = Store.open(settings.db_path, settings=settings, clock=clock)
+        api = MeteringClient(settings, env={"AWS_ENDPOINT_URL_MARKETPLACE_METERING": f"http://127.0.0.1:{port}",
+                                            "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"})
+        flusher = Flusher(store, api, settings, clock, rng=random.Random(1), pacer=Pacer(settings.calls_per_s))
+        series = []
+        for h in range(hours):
+            clock.set(t0 + h * HOUR_S + 600)
+            for b in range(0, per_hour, 1000):
+                store.ingest_future(make_events(1000, now=clock.now(), prefix=f"r{h}-{b}")).result()
+
+            async def flush_and_prune() -> int:
+                await flusher.flush_once()
+                return await store.prune(batch=1000, max_batches=10_000)
+
+            pruned = asyncio.run(flush_and_prune())
+            import sqlite3
+
+            conn = sqlite3.connect(settings.db_path)
+            rows = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            conn.close()
+            series.append({"hour": h, "event_rows": rows, "pruned": pruned, "db_bytes": db_size_bytes(settings.db_path)})
+        store.close()
+    finally:
+        stop(sim)
+    return {"events_per_hour": per_hour, "retention_s": 2 * HOUR_S, "series": series}
+
+
 def bench_startup(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """Time from `sidecar serve` to a healthy /healthz with many stored events."""
     n = 50_000 if args.smoke else 1_000_000
@@ -225,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         results["storage"] = bench_storage(args, tmp)
         results["flush"] = bench_flush(args, tmp)
         results["startup"] = bench_startup(args, tmp)
+        results["retention"] = bench_retention(args, tmp)
     h, s, f, u = results["http"], results["storage"], results["flush"], results["startup"]
     best_batch = max(v["events_per_s"] for k, v in h.items() if k.startswith("batch_"))
     ratios = {
@@ -258,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
          f"{h['events_stored']:,} events"),
         (f"start-up with {u['events']:,} stored events", f"{u['seconds']:.2f} s", f"DB {u['db_bytes'] / 1e6:.0f} MB"),
     ]
+    series = results["retention"]["series"]
+    rows.append((f"retention: {results['retention']['events_per_hour']:,} events/h, keep 2 h",
+                 f"{series[-1]['event_rows']:,} rows",
+                 "rows by hour " + " ".join(f"{p['event_rows'] // 1000}k" for p in series)
+                 + f"; DB {series[-1]['db_bytes'] / 1e6:.1f} MB (peak {max(p['db_bytes'] for p in series) / 1e6:.1f})"))
     print(f"\nmachine: {machine['cores']} cores, Python {machine['python']}, load generator: {generator}"
           f"{' (smoke run: targets not judged)' if args.smoke else ''}\n")
     print(f"| {'case':<52} | {'result':>14} | detail |\n|{'-' * 54}|{'-' * 16}|--------|")

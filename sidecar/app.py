@@ -86,29 +86,32 @@ async def edge_middleware(
         return error(exc.status, exc.reason, path=request.path)
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, refusing more than `limit` bytes (declared or streamed) with a JSON 413."""
-    too_large = web.HTTPRequestEntityTooLarge(
-        max_size=limit, actual_size=request.content_length or limit + 1,
+def _too_large(limit: int, size: int) -> web.HTTPRequestEntityTooLarge:
+    return web.HTTPRequestEntityTooLarge(
+        max_size=limit, actual_size=size,
         text=f'{{"error": "body is larger than {limit} bytes (SIDECAR_MAX_BODY_BYTES)"}}',
         content_type="application/json",
     )
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    body = await request.content.read(limit + 1) if request.content_length is None else await request.read()
-    if request.content_length is None:
-        chunks = [body]
-        size = len(body)
-        while size <= limit:
-            chunk = await request.content.read(limit + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        body = b"".join(chunks)
-    if len(body) > limit:
-        raise too_large
-    return body
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, refusing more than `limit` bytes (declared or streamed) with a JSON 413."""
+    declared = request.content_length
+    if declared is not None:
+        if declared > limit:
+            raise _too_large(limit, declared)
+        return await request.read()
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await request.content.read(limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > limit:
+        raise _too_large(limit, size)
+    return b"".join(chunks)
 
 
 async def post_events(request: web.Request) -> web.Response:

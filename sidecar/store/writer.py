@@ -206,16 +206,29 @@ class Store:
             try:
                 now = self.clock.now()
                 watermark = sealing_watermark(now, self.settings.hour_grace_s, self._watermark)
-                for job in group:
-                    conn.execute("SAVEPOINT job")
-                    try:
-                        results.append((job, self._ingest(conn, job.events, now, watermark), None))
-                    except sqlite3.OperationalError:
-                        raise
-                    except Exception as exc:  # one bad request must not fail its neighbours
-                        conn.execute("ROLLBACK TO job")
-                        results.append((job, None, exc))
-                    conn.execute("RELEASE job")
+                conn.execute("SAVEPOINT grp")
+                try:  # fast path: the whole group in one pass
+                    for job, res in zip(group, self._ingest(conn, [j.events for j in group], now, watermark),
+                                        strict=True):
+                        results.append((job, res, None))
+                    conn.execute("RELEASE grp")
+                except sqlite3.OperationalError:
+                    raise
+                except Exception:  # find the request that fails and fail only it
+                    conn.execute("ROLLBACK TO grp")
+                    conn.execute("RELEASE grp")
+                    self._pending_customers.clear()
+                    results.clear()
+                    for job in group:
+                        conn.execute("SAVEPOINT job")
+                        try:
+                            results.append((job, self._ingest(conn, [job.events], now, watermark)[0], None))
+                        except sqlite3.OperationalError:
+                            raise
+                        except Exception as exc:  # one bad request must not fail its neighbours
+                            conn.execute("ROLLBACK TO job")
+                            results.append((job, None, exc))
+                        conn.execute("RELEASE job")
                 conn.execute("COMMIT")
                 self._known_customers |= self._pending_customers
             except BaseException:
@@ -243,39 +256,42 @@ class Store:
         )
 
     def _ingest(
-        self, conn: sqlite3.Connection, events: Sequence[UsageEvent], now: float, watermark: int
-    ) -> IngestResult:
+        self, conn: sqlite3.Connection, batches: Sequence[Sequence[UsageEvent]], now: float, watermark: int
+    ) -> list[IngestResult]:
         """Store the events not seen before and add their usage to buckets (we hold the write lock).
 
-        Duplicates are found with one lookup for the whole batch (and within it: first one wins);
-        new rows go in with one executemany. Row and usage are written together or not at all.
+        Duplicates are found with one lookup for all batches (and among them: first one wins); new
+        rows go in with one executemany. A row and its usage are written together or not at all.
         """
-        fresh: dict[str, UsageEvent] = {}
-        for ev in events:
-            fresh.setdefault(ev.event_id, ev)
         known = {r[0] for r in conn.execute(
             "SELECT event_id FROM events WHERE event_id IN (SELECT value FROM json_each(?))",
-            (json.dumps(list(fresh)),))}
+            (json.dumps(list({e.event_id for b in batches for e in b})),))}
         deltas: dict[BucketKey, Delta] = {}
         now_s = int(now)
         new_customers: dict[str, CustomerRef | str] = {}
         rows = []
-        for event_id, ev in fresh.items():
-            if event_id in known:
-                continue
-            if ev.customer is not None:
-                customer = ev.customer.key
-                new_customers.setdefault(customer, ev.customer)
-            else:
-                assert ev.tenant is not None
-                mapped = self._tenants.get(ev.tenant)
-                customer = mapped if mapped is not None else f"tenant:{ev.tenant}"
-                if mapped is None:
-                    new_customers.setdefault(customer, ev.tenant)
-            hour, late = target_hour(ev.time, now=now, watermark=watermark)
-            rows.append((event_id, int(ev.time), now_s, customer, ev.tenant, hour, ev.model,
-                         ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens, ev.gpu_micros, ev.finish))
-            add_event(deltas, ev, customer=customer, hour=hour, late=late, dimensions=self.settings.dimensions)
+        results = []
+        for events in batches:
+            accepted = 0
+            for ev in events:
+                if ev.event_id in known:
+                    continue
+                known.add(ev.event_id)
+                accepted += 1
+                if ev.customer is not None:
+                    customer = ev.customer.key
+                    new_customers.setdefault(customer, ev.customer)
+                else:
+                    assert ev.tenant is not None
+                    mapped = self._tenants.get(ev.tenant)
+                    customer = mapped if mapped is not None else f"tenant:{ev.tenant}"
+                    if mapped is None:
+                        new_customers.setdefault(customer, ev.tenant)
+                hour, late = target_hour(ev.time, now=now, watermark=watermark)
+                rows.append((ev.event_id, int(ev.time), now_s, customer, ev.tenant, hour, ev.model,
+                             ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens, ev.gpu_micros, ev.finish))
+                add_event(deltas, ev, customer=customer, hour=hour, late=late, dimensions=self.settings.dimensions)
+            results.append(IngestResult(accepted=accepted, duplicates=len(events) - accepted))
         conn.executemany(
             "INSERT INTO events (event_id, time, received_at, customer, tenant, hour, model,"
             " prompt_tokens, completion_tokens, cached_tokens, gpu_micros, finish)"
@@ -285,7 +301,7 @@ class Store:
         self._ensure_customers(conn, new_customers)
         self.apply_deltas(conn, deltas)
         self._pending_customers.update(new_customers)
-        return IngestResult(accepted=len(rows), duplicates=len(events) - len(rows))
+        return results
 
     def _ensure_customers(self, conn: sqlite3.Connection, customers: dict[str, CustomerRef | str]) -> None:
         """Customer rows for keys this writer has not written yet (the set is a cache, not the truth)."""
