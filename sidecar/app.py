@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -17,7 +18,7 @@ from sidecar import store as store_mod
 from sidecar.clock import HOUR_S, Clock, SystemClock, hour_start
 from sidecar.config import CustomerRef, Settings
 from sidecar.errors import BadBody, InvalidEvent, StoreClosed, StoreUnavailable
-from sidecar.events import JSON_TYPES, NDJSON_TYPES, UsageEvent, parse_body, validate_event
+from sidecar.events import CONTROL_CHARS, JSON_TYPES, NDJSON_TYPES, UsageEvent, parse_body, validate_event
 from sidecar.flush import Flusher, MeteringApi
 from sidecar.metrics import Metrics
 from sidecar.page import render_usage_page
@@ -34,6 +35,7 @@ METRICS = web.AppKey("metrics", Metrics)
 INGEST_ERROR = web.AppKey("ingest_error", dict)  # the last ingest commit failure, cleared by a success
 
 OPEN_PATHS = frozenset({"/healthz", "/metrics"})
+MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z
 RETRY_AFTER_S = "5"
 
 
@@ -51,10 +53,16 @@ def iso(epoch: float | int | None) -> str | None:
 
 def parse_when(name: str, value: str) -> int:
     """A query parameter given as epoch seconds or RFC 3339 (a missing offset means UTC)."""
+    bad = web.HTTPBadRequest(text=f'{{"error": "{name}: must be epoch seconds or RFC 3339 between 1970 and 9999"}}',
+                             content_type="application/json")
     try:
-        return int(float(value))
+        number = float(value)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(number) or not 0 <= number <= MAX_EPOCH:
+            raise bad
+        return int(number)
     try:
         dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -64,7 +72,10 @@ def parse_when(name: str, value: str) -> int:
         ) from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp())
+    epoch = dt.timestamp()
+    if not 0 <= epoch <= MAX_EPOCH:
+        raise bad
+    return int(epoch)
 
 
 @web.middleware
@@ -84,6 +95,11 @@ async def edge_middleware(
         if exc.status < 400 or exc.content_type == "application/json":
             raise
         return error(exc.status, exc.reason, path=request.path)
+    except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception:
+        log.exception("handler_crashed", path=request.path, method=request.method)
+        return error(500, "internal error; nothing was acknowledged", path=request.path)
 
 
 def _too_large(limit: int, size: int) -> web.HTTPRequestEntityTooLarge:
@@ -177,24 +193,29 @@ async def ingest_events(request: web.Request) -> web.Response:
         metrics.spool_replay_events.labels("duplicate").inc(duplicates)
     if rejected:
         log.info("events_rejected", count=len(rejected), first=rejected[0]["error"])
-    status = 422 if rejected and not valid else 200
-    return web.json_response(
-        {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}, status=status
-    )
+    body: dict[str, Any] = {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
+    if rejected and not valid:
+        body["error"] = "every event was rejected; see rejected[]"
+        return web.json_response(body, status=422)
+    return web.json_response(body)
 
 
 async def put_customer(request: web.Request) -> web.Response:
     """PUT /v1/customers/{tenant}: map a tenant to an AWS customer; its unmapped usage follows."""
     tenant = request.match_info["tenant"]
-    if not 1 <= len(tenant) <= 256:
-        return error(400, "tenant: must be 1-256 characters")
+    if not 1 <= len(tenant) <= 256 or CONTROL_CHARS.search(tenant):
+        return error(400, "tenant: must be 1-256 characters without control characters")
     if request.content_type not in JSON_TYPES:
         return error(415, "send application/json")
     body = await read_body(request, 65536)
     try:
-        ref = CustomerRef.parse(parse_body(body, "application/json")[0].value, where="body")
+        items = parse_body(body, "application/json")
     except BadBody as exc:
         return error(400, str(exc))
+    if len(items) != 1 or not isinstance(items[0].value, dict) or body.lstrip()[:1] != b"{":
+        return error(422, "body: must be one JSON object")
+    try:
+        ref = CustomerRef.parse(items[0].value, where="body")
     except ValueError as exc:
         return error(422, str(exc))
     try:
@@ -271,6 +292,12 @@ async def get_healthz(request: web.Request) -> web.Response:
     if problem:
         body["error"] = problem
     return web.json_response(body, status=200 if writable else 503)
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    """GET /openapi.json: the API document, as shipped."""
+    body = await asyncio.to_thread((store_mod.schema_dir() / "openapi.json").read_bytes)
+    return web.Response(body=body, content_type="application/json")
 
 
 async def get_metrics(request: web.Request) -> web.Response:
@@ -358,5 +385,6 @@ def create_app(settings: Settings, *, clock: Clock | None = None, api: MeteringA
     app.router.add_get("/usage", get_usage)
     app.router.add_get("/healthz", get_healthz)
     app.router.add_get("/metrics", get_metrics)
+    app.router.add_get("/openapi.json", get_openapi)
     return app
 

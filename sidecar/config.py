@@ -23,11 +23,12 @@ SOURCE_SCALE: Mapping[str, int] = {
     "gpu_seconds": 1_000_000,
 }
 
-DIMENSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
-ACCOUNT_ID = re.compile(r"^\d{12}$")
+# All patterns match whole ASCII strings (\Z, not $, so no trailing newline slips through).
+DIMENSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}\Z", re.ASCII)
+ACCOUNT_ID = re.compile(r"[0-9]{12}\Z", re.ASCII)
 # arn:aws:license-manager::<12-digit account>:license:l-<32 hex>, in any AWS partition.
-LICENSE_ARN = re.compile(r"^arn:aws(-[a-z]+)*:license-manager::\d{12}:license[:/]l-[0-9a-f]{32}$")
-CUSTOMER_IDENTIFIER = re.compile(r"^[\S]{1,255}$")
+LICENSE_ARN = re.compile(r"arn:aws(-[a-z]+)*:license-manager::[0-9]{12}:license[:/]l-[0-9a-f]{32}\Z", re.ASCII)
+CUSTOMER_IDENTIFIER = re.compile(r"[!-~]{1,255}\Z", re.ASCII)  # printable ASCII, no whitespace
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,7 +16,8 @@ from sidecar.errors import BadBody, InvalidEvent
 MAX_INT = 2_147_483_647  # per-event token cap; also AWS's Quantity ceiling
 MAX_GPU_SECONDS = 10_000_000.0
 RFC3339 = re.compile(
-    r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})\Z",
+    re.ASCII,
 )
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 KNOWN_FIELDS = frozenset(

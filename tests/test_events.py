@@ -142,3 +142,23 @@ def test_arbitrary_json_values_never_crash(value: Any) -> None:
         check(value)
     except InvalidEvent:
         pass
+
+
+@pytest.mark.parametrize(("customer", "field"), [
+    ({"aws_account_id": "123456789012\n", "license_arn": ACCOUNT["license_arn"]}, "customer.aws_account_id"),
+    ({"aws_account_id": "١٢٣٤٥٦٧٨٩٠١٢", "license_arn": ACCOUNT["license_arn"]}, "customer.aws_account_id"),
+    ({"customer_identifier": "abc\n"}, "customer.customer_identifier"),
+    ({"customer_identifier": "ｃｕｓｔｏｍｅｒ"}, "customer.customer_identifier"),
+    (ACCOUNT | {"license_arn": ACCOUNT["license_arn"] + "\n"}, "customer.license_arn"),
+])
+def test_identifiers_are_plain_ascii(customer: dict[str, str], field: str) -> None:
+    """Trailing newlines and non-ASCII digits or letters never pass as AWS identifiers."""
+    with pytest.raises(InvalidEvent) as info:
+        check(event(1, customer=customer))
+    assert info.value.field == field
+
+
+def test_time_with_trailing_newline_rejected() -> None:
+    """An RFC 3339 string followed by a newline is not RFC 3339."""
+    with pytest.raises(InvalidEvent):
+        check(event(1) | {"time": "2026-11-28T10:01:00Z\n"})
