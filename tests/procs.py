@@ -88,3 +88,14 @@ class SidecarProcess:
                 return resp.status, json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"null")
+
+
+def stored_ids(db: Path) -> set[str]:
+    """Event ids in the database file."""
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    try:
+        return {r[0] for r in conn.execute("SELECT event_id FROM events")}
+    finally:
+        conn.close()

@@ -9,21 +9,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from procs import SidecarProcess
+from procs import SidecarProcess, stored_ids
 
 
 def now_rfc3339() -> str:
     """The real current time, as the daemon under test uses the system clock."""
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
-
-def stored_ids(db: Path) -> set[str]:
-    """Event ids in the database file."""
-    conn = sqlite3.connect(db)
-    try:
-        return {r[0] for r in conn.execute("SELECT event_id FROM events")}
-    finally:
-        conn.close()
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from helpers import event
-from procs import SidecarProcess
+from procs import SidecarProcess, stored_ids
 
 from sidecar.clock import HOUR_S, ManualClock, hour_start
 from sidecar.config import Settings
@@ -43,13 +43,6 @@ def sealed_snapshot(db: Path) -> dict[tuple[str, str, int], tuple[Any, ...]]:
     finally:
         conn.close()
 
-
-def stored_ids(db: Path) -> set[str]:
-    conn = sqlite3.connect(db)
-    try:
-        return {r[0] for r in conn.execute("SELECT event_id FROM events")}
-    finally:
-        conn.close()
 
 
 def backlog(db: Path, customers: int) -> int:
