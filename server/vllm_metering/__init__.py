@@ -80,8 +80,8 @@ METERING_SPOOL_MAX_BYTES = 268435456
     Cap of the spool (and, separately, of `<spool>.rejected`). Beyond it events are dropped with an
     ERROR log line `vllm_metering usage_events_dropped dropped=N dropped_total=M ...`.
 
-Logs go to the standard `logging` logger "vllm_metering" (vLLM's handlers), one structured line per
-condition (`vllm_metering <event> key=value ...`, the same fields in the record's `metering` attribute).
+Logs go to the standard `logging` logger "vllm.metering" (a child of vLLM's "vllm" logger, so vLLM's
+handlers print it), one structured line per condition (`vllm_metering <event> key=value ...`, the same fields in the record's `metering` attribute).
 Tokens are never logged.
 """
 

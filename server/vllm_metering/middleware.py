@@ -25,7 +25,7 @@ from vllm_metering.usage import (
     usage_from_object,
 )
 
-logger = logging.getLogger("vllm_metering")
+logger = logging.getLogger("vllm.metering")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

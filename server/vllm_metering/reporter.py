@@ -47,7 +47,7 @@ import aiohttp
 from vllm_metering.settings import MeteringSettings
 from vllm_metering.spool import Spool, event_id_of
 
-logger = logging.getLogger("vllm_metering")
+logger = logging.getLogger("vllm.metering")
 
 _MAX_REPLY_BYTES = 1024 * 1024
 

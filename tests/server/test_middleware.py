@@ -154,7 +154,7 @@ async def test_disconnect_without_any_usage_is_counted_and_warned(
     app = FakeVLLM()
     middleware, sink = _metered(app, make_settings())
     body = {"messages": [{"content": "p"}], "max_tokens": 50, "stream": True}
-    with caplog.at_level(logging.WARNING, logger="vllm_metering"):
+    with caplog.at_level(logging.WARNING, logger="vllm.metering"):
         for _ in range(2):
             await asgi_request(middleware, "/v1/chat/completions", json_body=body, disconnect_after_chunks=3)
     assert sink.events == []
@@ -243,7 +243,7 @@ async def test_no_tenant_and_no_default_is_not_reported(
     """With METERING_DEFAULT_TENANT empty, a request without tenant headers is counted and warned about."""
     app = FakeVLLM()
     middleware, sink = _metered(app, make_settings(default_tenant=None))
-    with caplog.at_level(logging.WARNING, logger="vllm_metering"):
+    with caplog.at_level(logging.WARNING, logger="vllm.metering"):
         await asgi_request(middleware, "/v1/completions", json_body={"prompt": "a"})
     assert sink.events == []
     assert middleware.stats.without_customer == 1
@@ -322,7 +322,7 @@ async def test_a_failing_sink_never_breaks_the_request(
 
     app = FakeVLLM()
     middleware = UsageMiddleware(app, settings=make_settings(), sink=BrokenSink())
-    with caplog.at_level(logging.ERROR, logger="vllm_metering"):
+    with caplog.at_level(logging.ERROR, logger="vllm.metering"):
         result = await _same_response(app, middleware, "/v1/completions", {"prompt": "a"}, {"x-request-id": "z"})
     assert result.status == 200
     assert middleware.stats.internal_errors == 1

@@ -98,7 +98,7 @@ async def test_unavailable_sidecar_is_retried_then_spooled(
     sidecar.mode = "unavailable"
     reporter = _reporter(make_settings(sidecar_url=sidecar.url, retry_attempts=3), clock)
     reporter.enqueue(_event(1))
-    with caplog.at_level(logging.WARNING, logger="vllm_metering"):
+    with caplog.at_level(logging.WARNING, logger="vllm.metering"):
         await run_until_idle(reporter, clock, max_waits=3)
     assert reporter.stats.posted_batches == 3 + 3  # three tries, then three probes after backoff
     assert reporter.spool.has_data()
@@ -157,7 +157,7 @@ async def test_full_spool_drops_loudly_and_never_raises(
     """With the sidecar away and the spool at its cap, extra events are dropped with an ERROR naming the count."""
     settings = make_settings(sidecar_url=f"http://127.0.0.1:{free_port}", spool_max_bytes=1000)
     reporter = _reporter(settings, clock)
-    with caplog.at_level(logging.ERROR, logger="vllm_metering"):
+    with caplog.at_level(logging.ERROR, logger="vllm.metering"):
         for i in range(20):
             reporter.enqueue(_event(i))
         await run_until_idle(reporter, clock, max_waits=1)
@@ -210,7 +210,7 @@ async def test_unauthorized_is_logged_spooled_and_replayed_once_fixed(
     try:
         for i in range(3):
             reporter.enqueue(_event(i))
-        with caplog.at_level(logging.DEBUG, logger="vllm_metering"):
+        with caplog.at_level(logging.DEBUG, logger="vllm.metering"):
             await run_until_idle(reporter, clock, max_waits=2)
         refused = [r for r in caplog.records if "sidecar_refused" in r.getMessage()]
         assert len(refused) == 1 and refused[0].levelno == logging.ERROR
@@ -239,7 +239,7 @@ async def test_rejected_events_are_logged_kept_and_not_retried(
     reporter = _reporter(settings, clock)
     for i in range(3):
         reporter.enqueue(_event(i))
-    with caplog.at_level(logging.WARNING, logger="vllm_metering"):
+    with caplog.at_level(logging.WARNING, logger="vllm.metering"):
         await run_until_idle(reporter, clock)
         reporter.enqueue(_event(5))  # a batch of one bad event: the sidecar answers 422
         await run_until_idle(reporter, clock)
@@ -263,7 +263,7 @@ async def test_malformed_batch_is_split_to_isolate_the_bad_event(
     reporter = _reporter(make_settings(sidecar_url=sidecar.url), clock)
     for i in range(8):
         reporter.enqueue(_event(i))
-    with caplog.at_level(logging.ERROR, logger="vllm_metering"):
+    with caplog.at_level(logging.ERROR, logger="vllm.metering"):
         await run_until_idle(reporter, clock)
     assert len(sidecar.events) == 7 and _event(6)["event_id"] not in sidecar.events
     assert reporter.stats.rejected == 1
