@@ -81,7 +81,8 @@ METERING_SPOOL_MAX_BYTES = 268435456
     ERROR log line `vllm_metering usage_events_dropped dropped=N dropped_total=M ...`.
 
 Logs go to the standard `logging` logger "vllm.metering" (a child of vLLM's "vllm" logger, so vLLM's
-handlers print it), one structured line per condition (`vllm_metering <event> key=value ...`, the same fields in the record's `metering` attribute).
+handlers print it), one structured line per condition (`vllm_metering <event> key=value ...`, the
+same fields in the record's `metering` attribute).
 Tokens are never logged.
 """
 
