@@ -52,7 +52,7 @@ def wait_http(url: str, timeout_s: float = 60.0) -> float:
     started = time.perf_counter()
     while time.perf_counter() - started < timeout_s:
         try:
-            with urllib.request.urlopen(url, timeout=1):  # noqa: S310 (loopback)
+            with urllib.request.urlopen(url, timeout=1):
                 return time.perf_counter() - started
         except OSError:
             time.sleep(0.01)
@@ -68,7 +68,7 @@ def sidecar_env(db: Path, port: int, extra: dict[str, str] | None = None) -> dic
 
 
 def start(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -219,7 +219,8 @@ def bench_retention(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             rows = conn.execute("SELECT count(*) FROM events").fetchone()[0]
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             conn.close()
-            series.append({"hour": h, "event_rows": rows, "pruned": pruned, "db_bytes": db_size_bytes(settings.db_path)})
+            series.append({"hour": h, "event_rows": rows, "pruned": pruned,
+                           "db_bytes": db_size_bytes(settings.db_path)})
         store.close()
     finally:
         stop(sim)

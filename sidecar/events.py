@@ -71,11 +71,13 @@ NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-s
 
 
 def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
     return result
 
 
@@ -159,15 +161,40 @@ def _count(obj: Mapping[str, Any], name: str, *, required: bool) -> int | None:
     return value
 
 
+_TIME_CACHE: dict[str, float] = {}
+_CUSTOMER_CACHE: dict[tuple[tuple[str, Any], ...], tuple[CustomerRef | None, str | None]] = {}
+_CACHE_MAX = 4096  # bounded memo of recently seen time strings and customers (events repeat them)
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> Any:
+    if len(cache) >= _CACHE_MAX:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def parse_time(value: Any) -> float:
     """An RFC 3339 timestamp with an offset, as epoch seconds."""
+    if isinstance(value, str):
+        cached = _TIME_CACHE.get(value)
+        if cached is not None:
+            return cached
+        return _remember(_TIME_CACHE, value, _parse_time(value))
+    return _parse_time(value)
+
+
+def _parse_time(value: Any) -> float:
     if not isinstance(value, str):
         raise InvalidEvent("time", "must be an RFC 3339 string with an offset")
     if not RFC3339.match(value):
         raise InvalidEvent("time", "must be RFC 3339 with an offset, e.g. 2026-11-28T10:00:00Z")
     text = value.upper().replace("Z", "+00:00")
-    # fromisoformat takes at most 6 fractional digits.
-    text = re.sub(r"(\.\d{6})\d+", r"\1", text)
+    dot = text.find(".")
+    if dot > 0 and text[dot + 7:dot + 8].isdigit():  # fromisoformat takes at most 6 fractional digits
+        end = dot + 1
+        while end < len(text) and text[end].isdigit():
+            end += 1
+        text = text[:dot + 7] + text[end:]
     try:
         return datetime.fromisoformat(text).timestamp()
     except ValueError:
@@ -178,6 +205,18 @@ def parse_customer(value: Any) -> tuple[CustomerRef | None, str | None]:
     """The event's customer: an AWS customer, or a tenant the sidecar maps later."""
     if not isinstance(value, Mapping):
         raise InvalidEvent("customer", "is required and must be an object")
+    key = tuple(value.items())
+    try:
+        cached = _CUSTOMER_CACHE.get(key)
+    except TypeError:  # unhashable values: certainly invalid, let the checks below say why
+        cached = None
+    if cached is not None:
+        return cached
+    parsed = _parse_customer(value)
+    return _remember(_CUSTOMER_CACHE, key, parsed)  # only valid customers get here
+
+
+def _parse_customer(value: Mapping[str, Any]) -> tuple[CustomerRef | None, str | None]:
     if set(value) == {"tenant"}:
         tenant = value["tenant"]
         if not isinstance(tenant, str) or not 1 <= len(tenant) <= 256:
