@@ -27,12 +27,12 @@ from sidecar.store import Store, UsageFilter
 log = structlog.get_logger("sidecar.app")
 
 SETTINGS = web.AppKey("settings", Settings)
-CLOCK = web.AppKey("clock", Clock)  # type: ignore[type-abstract]
+CLOCK = web.AppKey("clock", Clock)
 STORE = web.AppKey("store", Store)
 DRAINING = web.AppKey("draining", asyncio.Event)
 FLUSHER = web.AppKey("flusher", Flusher)
 METRICS = web.AppKey("metrics", Metrics)
-INGEST_ERROR = web.AppKey("ingest_error", dict)  # the last ingest commit failure, cleared by a success
+INGEST_ERROR: web.AppKey[dict[str, Any]] = web.AppKey("ingest_error", dict)  # the last ingest commit failure, cleared by a success
 
 OPEN_PATHS = frozenset({"/healthz", "/metrics"})
 MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z
@@ -193,11 +193,11 @@ async def ingest_events(request: web.Request) -> web.Response:
         metrics.spool_replay_events.labels("duplicate").inc(duplicates)
     if rejected:
         log.info("events_rejected", count=len(rejected), first=rejected[0]["error"])
-    body: dict[str, Any] = {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
+    answer: dict[str, Any] = {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
     if rejected and not valid:
-        body["error"] = "every event was rejected; see rejected[]"
-        return web.json_response(body, status=422)
-    return web.json_response(body)
+        answer["error"] = "every event was rejected; see rejected[]"
+        return web.json_response(answer, status=422)
+    return web.json_response(answer)
 
 
 async def put_customer(request: web.Request) -> web.Response:
@@ -251,7 +251,7 @@ async def get_usage(request: web.Request) -> web.Response:
 
     def query() -> dict[str, Any]:
         with store_mod.reader(path) as conn:
-            data = {
+            data: dict[str, Any] = {
                 "rows": [present_row(r) for r in store_mod.usage_rows(conn, filt)],
                 "totals": store_mod.usage_totals(conn, filt),
             }
@@ -283,7 +283,7 @@ async def get_healthz(request: web.Request) -> web.Response:
             return store_mod.health(conn, now)
 
     facts = await asyncio.to_thread(query)
-    ingest_error = dict(request.app[INGEST_ERROR])
+    ingest_error = request.app[INGEST_ERROR].copy()
     # A full disk is reported, not answered with 503: ECS would replace the task, and the
     # unsent usage in this task's database would go with it.
     status = "unavailable" if not writable else "degraded" if ingest_error else "ok"

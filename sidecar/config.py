@@ -348,7 +348,7 @@ def _parse_dimensions(value: Any) -> tuple[Dimension, ...]:
             raise ConfigError(f"{where}.unit: must be a whole number >= 1")
         if any(d.name == name for d in dims):
             raise ConfigError(f"{where}.name: {name!r} is configured twice")
-        dims.append(Dimension(name=name, source=source, unit=unit))
+        dims.append(Dimension(name=name, source=str(source), unit=unit))
     return tuple(dims)
 
 

@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sidecar.config import CustomerRef
 from sidecar.errors import BadBody, InvalidEvent
@@ -166,7 +166,10 @@ _CUSTOMER_CACHE: dict[tuple[tuple[str, Any], ...], tuple[CustomerRef | None, str
 _CACHE_MAX = 4096  # bounded memo of recently seen time strings and customers (events repeat them)
 
 
-def _remember(cache: dict[Any, Any], key: Any, value: Any) -> Any:
+T = TypeVar("T")
+
+
+def _remember(cache: dict[Any, T], key: Any, value: T) -> T:
     if len(cache) >= _CACHE_MAX:
         cache.clear()
     cache[key] = value

@@ -9,6 +9,7 @@ for any record whose send may have reached AWS without an answer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 import time
@@ -146,7 +147,7 @@ class Flusher:
             else:
                 while True:
                     now = self.clock.now()
-                    batch = await self.store.run(lambda c, now=now: rec.claim(c, now=now, limit=MAX_RECORDS_PER_CALL))
+                    batch = await self.store.run(functools.partial(rec.claim, now=now, limit=MAX_RECORDS_PER_CALL))
                     if not batch:
                         break
                     for part in split_batches(batch):

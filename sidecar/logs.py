@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
 
@@ -13,7 +15,7 @@ SECRET_KEYS = frozenset({"token", "authorization", "aws_secret_access_key", "aws
                          "password", "secret"})
 
 
-def _redact(_: object, __: str, event_dict: dict[str, object]) -> dict[str, object]:
+def _redact(_: object, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Never let a credential reach a log line, whatever a caller passed."""
     for key in list(event_dict):
         if key.lower() in SECRET_KEYS:

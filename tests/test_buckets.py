@@ -98,6 +98,11 @@ def test_remainder_carried_to_next_hour(store: Store, clock: ManualClock) -> Non
     assert (first["quantity"], first["remainder"]) == (1, 499)
     assert (second["remainder_in"], second["quantity"], second["remainder"]) == (499, 1, 99)
     assert carries(store)[("identifier:cust-a", "tokens-processed")] == 99
+    from sidecar.store import UsageFilter, reader, usage_totals
+
+    with reader(store.path) as conn:
+        [total] = usage_totals(conn, UsageFilter(dimension="tokens-processed"))
+    assert (total["carry_raw"], total["quantity_by_state"], total["open_raw"]) == (99, {"sealed": 2}, 0)
 
 
 def test_clock_going_back_does_not_reopen_hours(store: Store, clock: ManualClock) -> None:

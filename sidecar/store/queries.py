@@ -93,9 +93,9 @@ def usage_totals(conn: sqlite3.Connection, f: UsageFilter) -> list[dict[str, Any
         else:
             t["quantity_by_state"][r["state"]] = r["quantity"] or 0
     for r in conn.execute("SELECT customer, dimension, raw FROM carries"):
-        t = totals.get((r["customer"], r["dimension"]))
-        if t is not None:
-            t["carry_raw"] = r["raw"]
+        found = totals.get((r["customer"], r["dimension"]))
+        if found is not None:
+            found["carry_raw"] = r["raw"]
     return list(totals.values())
 
 

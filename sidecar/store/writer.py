@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import json
 import queue
 import sqlite3
@@ -139,7 +140,7 @@ class Store:
         store._thread.start()
         for tenant, ref in settings.customers.items():
             if store._tenants.get(tenant) != ref.key:
-                store.call(lambda conn, t=tenant, r=ref: store._map_tenant(conn, t, r, "config"))
+                store.call(functools.partial(store._map_tenant, tenant=tenant, ref=ref, source="config"))
         return store
 
     # ---- the writer thread -------------------------------------------------------------
