@@ -32,7 +32,8 @@ STORE = web.AppKey("store", Store)
 DRAINING = web.AppKey("draining", asyncio.Event)
 FLUSHER = web.AppKey("flusher", Flusher)
 METRICS = web.AppKey("metrics", Metrics)
-INGEST_ERROR: web.AppKey[dict[str, Any]] = web.AppKey("ingest_error", dict)  # the last ingest commit failure, cleared by a success
+# The last ingest commit failure, cleared by the next success.
+INGEST_ERROR: web.AppKey[dict[str, Any]] = web.AppKey("ingest_error", dict)
 
 OPEN_PATHS = frozenset({"/healthz", "/metrics"})
 MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z
