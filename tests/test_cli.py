@@ -118,3 +118,19 @@ def test_check_against_running_daemon(tmp_path: Path, capsys: pytest.CaptureFixt
     finally:
         proc.terminate()
     assert main(["check"], env={"SIDECAR_LISTEN": f"127.0.0.1:{free_port()}"}) == 1
+
+
+def test_serve_refuses_corrupt_database(tmp_path: Path) -> None:
+    """`sidecar serve` on a corrupt file exits 3 with the reason and leaves the file as it was."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "bad.db"
+    junk = b"SQLite format 3\x00" + b"\x07" * 8000
+    db.write_bytes(junk)
+    done = subprocess.run([sys.executable, "-m", "sidecar", "serve", "--db", str(db)],
+                          env={"AWS_REGION": "us-east-1", "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 3, done.stderr
+    assert "refusing to start" in done.stderr
+    assert db.read_bytes() == junk
