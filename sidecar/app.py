@@ -17,7 +17,7 @@ from aiohttp import web
 from sidecar import store as store_mod
 from sidecar.clock import HOUR_S, Clock, SystemClock, hour_start
 from sidecar.config import CustomerRef, Settings
-from sidecar.errors import BadBody, InvalidEvent, StoreClosed, StoreUnavailable
+from sidecar.errors import BadBody, InvalidEvent, StoreBusy, StoreClosed, StoreUnavailable
 from sidecar.events import CONTROL_CHARS, JSON_TYPES, NDJSON_TYPES, UsageEvent, parse_body, validate_event
 from sidecar.flush import Flusher, MeteringApi
 from sidecar.metrics import Metrics
@@ -172,6 +172,9 @@ async def ingest_events(request: web.Request) -> web.Response:
     if valid:
         try:
             result = await request.app[STORE].ingest(valid)
+        except StoreBusy as exc:
+            return web.json_response({"error": str(exc), "stored": 0}, status=503,
+                                     headers={"Retry-After": "1"})
         except StoreUnavailable as exc:
             status = 507 if exc.disk_full else 503
             request.app[INGEST_ERROR].update(error=str(exc), at=int(now), disk_full=exc.disk_full)

@@ -105,6 +105,7 @@ class Settings:
     synchronous: Literal["FULL", "NORMAL", "EXTRA"] = "FULL"
     token: str | None = None
     max_body_bytes: int = 4 * 1024 * 1024
+    max_queued_events: int = 200_000
     max_event_age_s: int = 48 * 3600
     retention_s: int = 48 * 3600
     max_future_s: int = 300
@@ -160,6 +161,7 @@ ENV_SETTINGS: Mapping[str, str] = {
     "SIDECAR_SYNCHRONOUS": "synchronous",
     "SIDECAR_TOKEN": "token",
     "SIDECAR_MAX_BODY_BYTES": "max_body_bytes",
+    "SIDECAR_MAX_QUEUED_EVENTS": "max_queued_events",
     "SIDECAR_MAX_EVENT_AGE_S": "max_event_age_s",
     "SIDECAR_RETENTION_S": "retention_s",
     "SIDECAR_HOUR_GRACE_S": "hour_grace_s",
@@ -182,6 +184,7 @@ ENV_SETTINGS: Mapping[str, str] = {
 
 _PARSERS: Mapping[str, Any] = {
     "max_body_bytes": _int,
+    "max_queued_events": _int,
     "max_event_age_s": _int,
     "retention_s": _int,
     "hour_grace_s": _int,
@@ -205,9 +208,9 @@ _CHOICES: Mapping[str, tuple[str, ...]] = {
     "log_level": ("debug", "info", "warning", "error"),
 }
 
-_POSITIVE = ("max_body_bytes", "max_event_age_s", "retention_s", "flush_interval_s", "calls_per_s", "window_s",
-             "connect_timeout_s", "read_timeout_s", "max_backoff_s", "shutdown_deadline_s",
-             "heartbeat_hours")
+_POSITIVE = ("max_body_bytes", "max_queued_events", "max_event_age_s", "retention_s", "flush_interval_s",
+             "calls_per_s", "window_s", "connect_timeout_s", "read_timeout_s", "max_backoff_s",
+             "shutdown_deadline_s", "heartbeat_hours")
 _NON_NEGATIVE = ("hour_grace_s", "window_margin_s")
 
 

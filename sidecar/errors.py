@@ -32,6 +32,10 @@ class StoreUnavailable(SidecarError):
         self.disk_full = disk_full
 
 
+class StoreBusy(StoreUnavailable):
+    """Raised when more events wait for the disk than SIDECAR_MAX_QUEUED_EVENTS; nothing was stored."""
+
+
 class StoreClosed(SidecarError):
     """Raised when work is submitted to a store that is shutting down."""
 

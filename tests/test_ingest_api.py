@@ -215,3 +215,31 @@ async def test_usage_page_for_browsers(client: TestClient[Any, Any]) -> None:
     assert "&lt;script&gt;x&lt;/script&gt;" in html and "<script>x" not in html
     resp = await client.get("/usage", params={"format": "json"}, headers={"Accept": "text/html"})
     assert resp.content_type == "application/json"
+
+
+async def test_backpressure_when_the_disk_falls_behind(settings: Settings, clock: ManualClock) -> None:
+    """When too many events wait for the writer, new requests get 503 + Retry-After, then recover."""
+    import threading
+
+    from helpers import client_store
+
+    small = replace(settings, max_queued_events=10)
+    async with TestClient(TestServer(create_app(small, clock=clock, background=False))) as c:
+        store = client_store(c)
+        gate = threading.Event()
+        blocker = store.submit(lambda conn: gate.wait(10))  # the writer is stuck, as on a slow disk
+        first = asyncio.ensure_future(c.post("/v1/events", json=[event(i) for i in range(8)]))
+        for _ in range(100):
+            if store._queued_events == 8:
+                break
+            await asyncio.sleep(0.01)
+        refused = await c.post("/v1/events", json=[event(100 + i) for i in range(5)])
+        assert refused.status == 503
+        assert refused.headers["Retry-After"] == "1"
+        assert (await refused.json())["stored"] == 0
+        gate.set()
+        blocker.result(timeout=10)
+        assert (await (await first).json())["accepted"] == 8
+        again = await c.post("/v1/events", json=[event(100 + i) for i in range(5)])
+        assert (await again.json())["accepted"] == 5
+    assert stored(small)[0] == 13

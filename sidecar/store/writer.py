@@ -25,7 +25,7 @@ import structlog
 
 from sidecar.clock import HOUR_S, Clock, hour_start
 from sidecar.config import CustomerRef, Settings
-from sidecar.errors import StoreClosed
+from sidecar.errors import StoreBusy, StoreClosed
 from sidecar.events import UsageEvent
 from sidecar.store import records
 from sidecar.store.db import _unavailable, check_integrity, connect, migrate
@@ -108,6 +108,8 @@ class Store:
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._tenants: dict[str, str] = {}
+        self._queued_events = 0  # events handed to the writer and not yet committed or failed
+        self._queued_lock = threading.Lock()
         self._known_customers: set[str] = set()  # customer rows known to be committed
         self._pending_customers: set[str] = set()  # written in the transaction under way
         self._watermark = 0
@@ -169,6 +171,8 @@ class Store:
                 group.append(nxt)
                 n += len(nxt.events)
             self._run_group(conn, group)
+            with self._queued_lock:
+                self._queued_events -= n
             if pending is None:
                 break
             if isinstance(pending, _Job):
@@ -471,18 +475,25 @@ class Store:
         self._queue.put(_Job(fn=fn, afuture=fut, loop=loop))
         return await fut
 
-    def ingest_future(self, events: Sequence[UsageEvent]) -> concurrent.futures.Future[IngestResult]:
-        """Queue validated events for the next group commit."""
+    def _admit(self, n: int) -> None:
+        """Count events into the writer's queue, or refuse them when it is already full (backpressure)."""
         if self._closed:
             raise StoreClosed("the store is closed")
+        with self._queued_lock:
+            if self._queued_events > 0 and self._queued_events + n > self.settings.max_queued_events:
+                raise StoreBusy(f"{self._queued_events} events are waiting for the disk; retry shortly")
+            self._queued_events += n
+
+    def ingest_future(self, events: Sequence[UsageEvent]) -> concurrent.futures.Future[IngestResult]:
+        """Queue validated events for the next group commit."""
+        self._admit(len(events))
         fut: concurrent.futures.Future[IngestResult] = concurrent.futures.Future()
         self._queue.put(_Job(fn=None, future=fut, events=events))
         return fut
 
     async def ingest(self, events: Sequence[UsageEvent]) -> IngestResult:
         """Store events durably (dedup by event_id, buckets updated in the same transaction)."""
-        if self._closed:
-            raise StoreClosed("the store is closed")
+        self._admit(len(events))
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[IngestResult] = loop.create_future()
         self._queue.put(_Job(fn=None, events=events, afuture=fut, loop=loop))
