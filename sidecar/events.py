@@ -206,7 +206,7 @@ def _parse_time(value: Any) -> float:
 
 def parse_customer(value: Any) -> tuple[CustomerRef | None, str | None]:
     """The event's customer: an AWS customer, or a tenant the sidecar maps later."""
-    if not isinstance(value, Mapping):
+    if not isinstance(value, dict):  # decoded JSON objects are plain dicts (no ABC check on the hot path)
         raise InvalidEvent("customer", "is required and must be an object")
     key = tuple(value.items())
     try:
