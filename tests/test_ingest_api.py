@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import sqlite3
 from dataclasses import replace
@@ -243,3 +244,23 @@ async def test_backpressure_when_the_disk_falls_behind(settings: Settings, clock
         again = await c.post("/v1/events", json=[event(100 + i) for i in range(5)])
         assert (await again.json())["accepted"] == 5
     assert stored(small)[0] == 13
+
+
+async def test_hostile_bodies(client: TestClient[Any, Any], settings: Settings) -> None:
+    """10 MB bodies, 5,000-digit numbers and overflowing floats are refused with JSON errors; nothing stored."""
+    ten_mb = b"[" + b'{"event_id": "x"},' * (10 * 1024 * 1024 // 18) + b"{}]"
+    resp = await client.post("/v1/events", data=io.BytesIO(ten_mb), headers={"Content-Type": "application/json"})
+    assert resp.status == 413
+    assert "larger than" in (await resp.json())["error"]
+    huge_int = b'{"event_id": "h", "time": "2026-11-28T10:01:00Z", "customer": {"tenant": "t"},' \
+               b' "prompt_tokens": ' + b"9" * 5000 + b', "completion_tokens": 0}'
+    resp = await client.post("/v1/events", data=huge_int, headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    assert "error" in await resp.json()
+    overflow = event("o", gpu_seconds=1.0)
+    body = json.dumps(overflow).replace('"gpu_seconds": 1.0', '"gpu_seconds": 1e400').encode()
+    resp = await client.post("/v1/events", data=body, headers={"Content-Type": "application/json"})
+    assert resp.status == 422
+    assert (await resp.json())["rejected"][0]["error"].startswith("gpu_seconds: must be a finite number")
+    assert stored(settings)[0] == 0
+    assert (await client.get("/healthz")).status == 200  # the daemon is still up
