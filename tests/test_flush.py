@@ -403,3 +403,24 @@ async def test_frozen_record_payload(kit: Kit) -> None:
                    "Timestamp": H09 + 125}
     assert by_dim["tokens-processed"]["product_code"] == PRODUCT
     assert by_dim["tokens-processed"]["timestamp"] - H09 < HOUR_S
+
+
+async def test_replay_conflict_carries_forward(kit: Kit) -> None:
+    """Replaying a conflict moves its quantity into the open hour instead of meeting DuplicateRecord again."""
+    kit.ingest(*customer_events(1))
+    kit.clock.set(SEALED)
+    kit.sim.batch_meter_usage({"ProductCode": PRODUCT, "UsageRecords": [
+        {"CustomerIdentifier": "cust-000", "Dimension": "inference-requests", "Quantity": 99,
+         "Timestamp": H09 + 5}]})
+    await kit.flusher.flush_once()
+    now = kit.clock.now()
+    out = await kit.store.run(lambda c: rec.replay(
+        c, states=["conflict"], now=now, window_s=86400, margin_s=1800, customer=None,
+        watermark=kit.store.watermark(now), apply_deltas=kit.store.apply_deltas))
+    assert out == {"resent": 0, "carried": 1}
+    by_dim = {r["dimension"]: r["state"] for r in kit.records()}
+    assert by_dim["inference-requests"] == "carried"
+    kit.clock.set(H10 + HOUR_S + 400)
+    await kit.flusher.flush_once()
+    carried = [r for r in kit.records() if r["hour"] == H10 and r["dimension"] == "inference-requests"]
+    assert [(r["quantity"], r["state"]) for r in carried] == [(1, "sent")]

@@ -236,7 +236,8 @@ def mark_retry(conn: sqlite3.Connection, records: Iterable[int], *, error: str, 
 
 def replay(conn: sqlite3.Connection, *, states: Iterable[str], now: float, window_s: int, margin_s: int,
            customer: str | None, watermark: int, apply_deltas: Any) -> dict[str, int]:
-    """Re-drive terminal records: resend unchanged while AWS's window is open, else carry forward."""
+    """Re-drive terminal records: rejected ones are resent unchanged while AWS's window is open;
+    conflicts, expired records and rejected ones past the window are carried into the open hour."""
     states = [s for s in states if s in REPLAYABLE]
     if not states:
         return {}
@@ -248,7 +249,10 @@ def replay(conn: sqlite3.Connection, *, states: Iterable[str], now: float, windo
         args += [customer, f"%:{customer}%"]
     counts = {"resent": 0, "carried": 0}
     for r in conn.execute(sql, args).fetchall():
-        if r["state"] != "expired" and now < window_closes_at(r["timestamp"], window_s=window_s, margin_s=margin_s):
+        # A rejected record (e.g. the customer has subscribed since) is resent unchanged while AWS's
+        # window is open. A conflict would only meet the same DuplicateRecord again, and an expired
+        # record cannot be sent any more: their quantity moves into the customer's open hour.
+        if r["state"] == "rejected" and now < window_closes_at(r["timestamp"], window_s=window_s, margin_s=margin_s):
             conn.execute("UPDATE records SET next_attempt_at = 0, last_error = 'replayed by operator' WHERE id = ?",
                          (r["id"],))
             _set_state(conn, r["id"], "pending")
