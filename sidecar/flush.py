@@ -121,6 +121,7 @@ class Flusher:
         self.calls_by_outcome: Counter[str] = Counter()
         self.records_by_outcome: Counter[str] = Counter()
         self._lock = asyncio.Lock()
+        self._unsettled: dict[int, bool] = {}  # record id -> maybe received, for answers not stored
 
     async def prepare(self, summary: FlushSummary | None = None) -> int:
         """Seal due hours, freeze sealed buckets, close expired windows; returns records frozen."""
@@ -140,6 +141,7 @@ class Flusher:
     async def flush_once(self) -> FlushSummary:
         """One pass: prepare, then send every due record (records backing off wait for the next pass)."""
         async with self._lock:
+            await self._release_unsettled()
             summary = FlushSummary()
             summary.frozen = await self.prepare(summary)
             if self.settings.dry_run or self.api is None:
@@ -206,6 +208,32 @@ class Flusher:
                                                        maybe_received=True, next_attempt_at=dict.fromkeys(ids, now)))
             raise
         summary.calls += 1
+        try:
+            await self._settle(batch, result, summary)
+        except BaseException:
+            # The answer could not be written (disk full, shutdown): these records are still marked
+            # in flight in the database. Put them back at the start of the next pass, possibly
+            # received unless AWS refused the call.
+            maybe = result.maybe_received or result.kind == "answered"
+            for r in batch:
+                self._unsettled[r.id] = self._unsettled.get(r.id, False) or maybe
+            raise
+
+    async def _release_unsettled(self) -> None:
+        """Return records whose outcome could not be stored to pending (they are still in flight)."""
+        if not self._unsettled:
+            return
+        now = self.clock.now()
+        for maybe in (True, False):
+            ids = [rid for rid, m in self._unsettled.items() if m is maybe]
+            if ids:
+                await self.store.run(functools.partial(
+                    rec.mark_retry, records=ids, error="outcome could not be stored; resending",
+                    maybe_received=maybe, next_attempt_at=dict.fromkeys(ids, now)))
+        self._unsettled.clear()
+
+    async def _settle(self, batch: list[rec.DueRecord], result: CallResult, summary: FlushSummary) -> None:
+        """Act on one call's result: record outcomes, retry, close windows, or bisect."""
         now = self.clock.now()
         if result.kind == "answered":
             await self._apply_answer(batch, result, now, summary)

@@ -92,9 +92,11 @@ class MeteringClient:
                 return CallResult(kind="timestamp", error=message)
             if code in INVALID_BATCH:
                 return CallResult(kind="invalid", error=message)
-            # Throttling, other 4xx and 503 (service unavailable) are refusals before processing;
-            # any other 5xx (InternalServiceError) might hide a success, so it counts as maybe received.
-            return CallResult(kind="retry", error=message, maybe_received=status >= 500 and status != 503)
+            # Throttling and other 4xx are refusals. So is a 503 that AWS itself typed
+            # (ServiceUnavailable...): it refuses before processing. A plain 503 (a proxy or load
+            # balancer answering) and any other 5xx (InternalServiceError) might hide a success.
+            aws_refused_503 = status == 503 and code.startswith("ServiceUnavailable")
+            return CallResult(kind="retry", error=message, maybe_received=status >= 500 and not aws_refused_503)
         except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError) as exc:
             # The request never left: nothing can have been processed.
             return CallResult(kind="retry", error=f"connect: {exc}", maybe_received=False)

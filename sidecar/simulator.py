@@ -72,7 +72,7 @@ _ACCOUNT_ID = re.compile(r"^[0-9]{12}$")
 _TAG_TEXT = re.compile(r"^[a-zA-Z0-9+ -=._:\/@]+$")
 _DECIMAL_QUANTITY = re.compile(r"^(0|[1-9][0-9]{0,9})(\.[0-9]{1,6})?$")
 
-_HTTP_STATUS = {"InternalServiceErrorException": 500}
+_HTTP_STATUS = {"InternalServiceErrorException": 500, "ServiceUnavailableException": 503}
 
 RecordStatus = Literal["Success", "CustomerNotSubscribed", "DuplicateRecord"]
 
@@ -95,7 +95,7 @@ class SimulatorConfig:
     lose_response_rate: float = 0.0
     latency_s: float = 0.0
     outage: bool = False
-    outage_mode: Literal["503", "close"] = "503"
+    outage_mode: Literal["503", "aws503", "close"] = "503"  # plain 503 (a proxy), AWS's typed 503, or drop
     api_disabled: bool = False
     clock_offset_s: float = 0.0
     seed: int | None = None
@@ -118,8 +118,8 @@ class SimulatorConfig:
                 "duplicate_status must be DuplicateRecord or Success, "
                 f"got {self.duplicate_status!r}"
             )
-        if self.outage_mode not in ("503", "close"):
-            raise ValueError(f"outage_mode must be 503 or close, got {self.outage_mode!r}")
+        if self.outage_mode not in ("503", "aws503", "close"):
+            raise ValueError(f"outage_mode must be 503, aws503 or close, got {self.outage_mode!r}")
         if not self.allowed_dimensions:
             raise ValueError("allowed_dimensions must not be empty")
 
@@ -318,6 +318,8 @@ class Simulator:
             self._log_call(n_records, "Outage", message=f"outage ({self.config.outage_mode})")
             if self.config.outage_mode == "close":
                 return Reply(status=0, body=None, drop_connection=True)
+            if self.config.outage_mode == "aws503":
+                return _error_reply("ServiceUnavailableException", "Service is unavailable")
             return Reply(status=503, body="Service Unavailable")
         # Draw every fault on every call so one seed gives one sequence, whatever the rates.
         throttled = self.rng.random() < self.config.throttle_rate

@@ -229,3 +229,18 @@ def test_heartbeats_fill_idle_hours(tmp_path: Path, clock: ManualClock) -> None:
         assert ("identifier:cust-a", "gpu-hours", H10) in b
     finally:
         store.close()
+
+
+def test_failed_mapping_leaves_no_trace_in_memory(store: Store, clock: ManualClock) -> None:
+    """If the transaction that maps a tenant fails, the writer's in-memory map does not keep the mapping."""
+    import pytest
+
+    def map_then_fail(conn: sqlite3.Connection) -> None:
+        store._map_tenant(conn, "acme", CustomerRef(customer_identifier="acme-aws"), "api")
+        raise RuntimeError("the commit never happens")
+
+    with pytest.raises(RuntimeError):
+        store.call(map_then_fail)
+    ingest(store, event(1, customer={"tenant": "acme"}))
+    assert ("tenant:acme", "inference-requests", H10) in buckets(store)
+    assert not [k for k in buckets(store) if k[0] == "identifier:acme-aws"]

@@ -39,12 +39,12 @@ def ingested_of(events: list[dict[str, object]]) -> dict[tuple[str, str], int]:
 
 
 async def test_outage_longer_than_window_carries_then_bills(tmp_path: Path) -> None:
-    """AWS refuses everything (503) for 25 h: records are carried forward, then billed when AWS returns."""
+    """AWS refuses everything (its typed 503) for 25 h: records are carried forward, then billed on return."""
     k = await make_kit(tmp_path)
     try:
         evs = customer_events(3)
         k.ingest(*evs)
-        k.sim.configure(outage=True)
+        k.sim.configure(outage=True, outage_mode="aws503")
         for hours in range(1, 26):
             k.clock.set(H10 + 400 + hours * HOUR_S - HOUR_S)
             await k.flusher.flush_once()

@@ -114,7 +114,7 @@ async def test_not_subscribed_is_rejected_then_replayed(tmp_path: Path) -> None:
         out = await k.store.run(lambda c: rec.replay(
             c, states=["rejected"], now=now, window_s=86400, margin_s=1800, customer=None,
             watermark=k.store.watermark(now), apply_deltas=k.store.apply_deltas))
-        assert out == {"resent": 2, "carried": 0}
+        assert out == {"resent": 2, "carried": 0, "unknown": 0}
         await k.flusher.flush_once()
         assert k.states() == {"sent": 4}
     finally:
@@ -171,7 +171,8 @@ async def test_unprocessed_records_stay_pending_and_are_resent(kit: Kit) -> None
 @pytest.mark.parametrize(("fault", "maybe"), [
     ({"throttle_rate": 1.0}, 0),
     ({"error_5xx_rate": 1.0}, 1),
-    ({"outage": True}, 0),  # 503 Service Unavailable: refused before processing
+    ({"outage": True, "outage_mode": "aws503"}, 0),  # AWS's own typed 503: refused before processing
+    ({"outage": True}, 1),  # a plain 503 from something in between: it may have been processed
     ({"outage": True, "outage_mode": "close"}, 1),  # connection dropped after the request left
 ])
 async def test_request_level_errors_retry(tmp_path: Path, fault: dict[str, object], maybe: int) -> None:
@@ -417,10 +418,56 @@ async def test_replay_conflict_carries_forward(kit: Kit) -> None:
     out = await kit.store.run(lambda c: rec.replay(
         c, states=["conflict"], now=now, window_s=86400, margin_s=1800, customer=None,
         watermark=kit.store.watermark(now), apply_deltas=kit.store.apply_deltas))
-    assert out == {"resent": 0, "carried": 1}
+    assert out == {"resent": 0, "carried": 1, "unknown": 0}
     by_dim = {r["dimension"]: r["state"] for r in kit.records()}
     assert by_dim["inference-requests"] == "carried"
     kit.clock.set(H10 + HOUR_S + 400)
     await kit.flusher.flush_once()
     carried = [r for r in kit.records() if r["hour"] == H10 and r["dimension"] == "inference-requests"]
     assert [(r["quantity"], r["state"]) for r in carried] == [(1, "sent")]
+
+
+async def test_replay_never_carries_a_maybe_received_record(kit: Kit) -> None:
+    """A rejected record whose earlier send may have landed becomes unknown on replay past its window."""
+    kit.ingest(*customer_events(1))
+    kit.clock.set(SEALED)
+    kit.sim.configure(lose_response_rate=1.0)  # billed, answer lost: maybe received
+    await kit.flusher.flush_once()
+    kit.sim.configure(lose_response_rate=0.0, api_disabled=True)
+    kit.clock.advance(600)
+    await kit.flusher.flush_once()
+    assert {r["state"] for r in kit.records()} == {"rejected"}
+    kit.clock.set(H09 + 86400 + 60)
+    now = kit.clock.now()
+    out = await kit.store.run(lambda c: rec.replay(
+        c, states=["rejected"], now=now, window_s=86400, margin_s=1800, customer=None,
+        watermark=kit.store.watermark(now), apply_deltas=kit.store.apply_deltas))
+    assert out == {"resent": 0, "carried": 0, "unknown": 2}
+    assert {r["state"] for r in kit.records()} == {"unknown"}
+
+
+async def test_unstored_outcome_is_released_next_pass(kit: Kit) -> None:
+    """If the answer to a call cannot be written, the records are not stuck in flight: the next pass resends."""
+    from sidecar.errors import StoreUnavailable
+
+    kit.ingest(*customer_events(1))
+    kit.clock.set(SEALED)
+    kit.sim.configure(throttle_rate=1.0)
+    real_retry = kit.flusher._retry
+    calls = {"n": 0}
+
+    async def failing_retry(*args: object, **kwargs: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise StoreUnavailable("database or disk is full", disk_full=True)
+        await real_retry(*args, **kwargs)  # type: ignore[arg-type]
+
+    kit.flusher._retry = failing_retry  # type: ignore[method-assign]
+    with pytest.raises(StoreUnavailable):
+        await kit.flusher.flush_once()
+    assert all(r["in_flight"] == 1 for r in kit.records())
+    kit.sim.configure(throttle_rate=0.0)
+    await kit.flusher.flush_once()
+    rows = kit.records()
+    assert {r["state"] for r in rows} == {"sent"}
+    assert {r["maybe_received"] for r in rows} == {0}, "a throttled call was refused, not maybe received"

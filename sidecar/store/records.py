@@ -185,11 +185,12 @@ def _due(conn: sqlite3.Connection, now: float, limit: int) -> list[DueRecord]:
     if not rows:
         return []
     first_scheme = "identifier" if rows[0]["customer_identifier"] is not None else "license"
+    first_product = rows[0]["product_code"]
     picked: list[DueRecord] = []
     for r in rows:
         scheme = "identifier" if r["customer_identifier"] is not None else "license"
-        if scheme != first_scheme:
-            continue  # one scheme (and so one product) per call
+        if scheme != first_scheme or r["product_code"] != first_product:
+            continue  # one scheme and one product per call (the call carries one ProductCode)
         picked.append(DueRecord(id=r["id"], payload=json.loads(r["payload"]), scheme=scheme,
                                 product_code=r["product_code"], timestamp=r["timestamp"],
                                 maybe_received=bool(r["maybe_received"]), attempts=r["attempts"]))
@@ -229,7 +230,7 @@ def mark_retry(conn: sqlite3.Connection, records: Iterable[int], *, error: str, 
     for rid in records:
         conn.execute(
             "UPDATE records SET in_flight = 0, last_error = ?, next_attempt_at = ?,"
-            " maybe_received = max(maybe_received, ?) WHERE id = ?",
+            " maybe_received = max(maybe_received, ?) WHERE id = ? AND in_flight = 1",
             (error, next_attempt_at[rid], int(maybe_received), rid),
         )
 
@@ -242,17 +243,25 @@ def replay(conn: sqlite3.Connection, *, states: Iterable[str], now: float, windo
     if not states:
         return {}
     marks = ",".join("?" for _ in states)
-    sql = f"SELECT id, timestamp, state FROM records WHERE state IN ({marks})"
+    sql = f"SELECT id, timestamp, state, maybe_received FROM records WHERE state IN ({marks})"
     args: list[Any] = list(states)
     if customer:
         sql += " AND (customer = ? OR customer LIKE ?)"
         args += [customer, f"%:{customer}%"]
-    counts = {"resent": 0, "carried": 0}
+    counts = {"resent": 0, "carried": 0, "unknown": 0}
     for r in conn.execute(sql, args).fetchall():
+        open_window = now < window_closes_at(r["timestamp"], window_s=window_s, margin_s=margin_s)
+        if r["maybe_received"] and not (r["state"] == "rejected" and open_window):
+            # An earlier send may have been billed: never move it (invariant 5). Past the window it
+            # can only be reconciled against AWS's billing report.
+            _set_state(conn, r["id"], "unknown",
+                       last_error="replay refused to carry: an earlier send may have been billed")
+            counts["unknown"] += 1
+            continue
         # A rejected record (e.g. the customer has subscribed since) is resent unchanged while AWS's
         # window is open. A conflict would only meet the same DuplicateRecord again, and an expired
         # record cannot be sent any more: their quantity moves into the customer's open hour.
-        if r["state"] == "rejected" and now < window_closes_at(r["timestamp"], window_s=window_s, margin_s=margin_s):
+        if r["state"] == "rejected" and open_window:
             conn.execute("UPDATE records SET next_attempt_at = 0, last_error = 'replayed by operator' WHERE id = ?",
                          (r["id"],))
             _set_state(conn, r["id"], "pending")

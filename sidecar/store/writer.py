@@ -36,6 +36,7 @@ log = structlog.get_logger("sidecar.store")
 T = TypeVar("T")
 MAX_GROUP_EVENTS = 20_000  # cap on events merged into one group commit
 WATERMARK_KEY = "sealed_before"
+PRUNE_MARGIN_S = 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,7 @@ class Store:
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._tenants: dict[str, str] = {}
+        self._on_commit: list[Callable[[], object]] = []  # in-memory updates to apply once committed
         self._queued_events = 0  # events handed to the writer and not yet committed or failed
         self._queued_lock = threading.Lock()
         self._known_customers: set[str] = set()  # customer rows known to be committed
@@ -189,9 +191,13 @@ class Store:
                 result = job.fn(conn)
                 conn.execute("COMMIT")
             except BaseException:
+                self._on_commit.clear()
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            for apply in self._on_commit:  # in-memory state follows the database, never leads it
+                apply()
+            self._on_commit.clear()
         except sqlite3.OperationalError as exc:
             _settle([(job, None, _unavailable(exc))])
         except BaseException as exc:
@@ -386,7 +392,7 @@ class Store:
             "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (WATERMARK_KEY, str(watermark)),
         )
-        self._watermark = watermark
+        self._on_commit.append(functools.partial(setattr, self, "_watermark", watermark))
         if rows:
             log.info("hours_sealed", buckets=len(rows), sealed_before=watermark)
         return len(rows)
@@ -445,9 +451,7 @@ class Store:
             (key, watermark, current, src),
         )
         self.apply_deltas(conn, deltas)
-        # The in-memory map is the writer's own; a failed commit raises before callers see it,
-        # and the next transaction would re-read nothing stale because only this thread writes.
-        self._tenants[tenant] = key
+        self._on_commit.append(functools.partial(self._tenants.__setitem__, tenant, key))
         if moved:
             log.info("tenant_usage_mapped", tenant=tenant, buckets=len(moved))
         return len(moved)
@@ -517,7 +521,9 @@ class Store:
             " AND NOT EXISTS (SELECT 1 FROM buckets b WHERE b.customer = e.customer AND b.hour = e.hour"
             "   AND b.state IN ('open', 'unmapped', 'sealed', 'pending'))"
             " LIMIT ?)",
-            (now - self.settings.retention_s, now - self.settings.max_event_age_s, limit),
+            # An hour beyond the age horizon: event times are stored truncated to the second, and an
+            # event validated a moment ago may still be queued behind this prune.
+            (now - self.settings.retention_s, now - self.settings.max_event_age_s - PRUNE_MARGIN_S, limit),
         )
         return cur.rowcount
 
