@@ -87,6 +87,21 @@ def result_key(scheme: str, usage_record: Mapping[str, Any]) -> tuple[str, str, 
     return (scheme, str(who), str(usage_record.get("Dimension")), epoch)
 
 
+def record_outcome(status: str, *, maybe_received: bool) -> str:
+    """What a per-record Status means for a record: sent, conflict, rejected, or retry.
+
+    DuplicateRecord means billed when an earlier send of this same frozen record may have landed;
+    otherwise AWS holds someone else's record for the key.
+    """
+    if status == "Success" or (status == "DuplicateRecord" and maybe_received):
+        return "sent"
+    if status == "DuplicateRecord":
+        return "conflict"
+    if status == "CustomerNotSubscribed":
+        return "rejected"
+    return "retry"
+
+
 @dataclass
 class FlushSummary:
     """What one flush pass did."""
@@ -95,6 +110,7 @@ class FlushSummary:
     calls: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
     pending: int = 0
+    next_attempt_at: float | None = None  # earliest retry among pending records
 
     @property
     def failed(self) -> bool:
@@ -154,8 +170,7 @@ class Flusher:
                         break
                     for part in split_batches(batch):
                         await self._send(part, summary)
-            info = await self.store.run(rec.pending_summary)
-            summary.pending = info["by_state"].get("pending", 0)
+            summary.pending, summary.next_attempt_at = await self.store.run(rec.pending_summary)
             if summary.calls or summary.frozen:
                 log.info("flush_done", **summary.as_dict())
             return summary
@@ -172,8 +187,7 @@ class Flusher:
             total.pending = s.pending
             if not s.pending or self.settings.dry_run or self.api is None:
                 return total
-            info = await self.store.run(rec.pending_summary)
-            wait = max(0.0, (info["next_attempt_at"] or 0) - self.clock.now())
+            wait = max(0.0, (s.next_attempt_at or 0) - self.clock.now())
             if time.monotonic() + wait >= end:
                 return total
             await asyncio.sleep(max(wait, 0.05))
@@ -197,24 +211,17 @@ class Flusher:
         return result
 
     async def _send(self, batch: list[rec.DueRecord], summary: FlushSummary) -> None:
+        # If the call or the writing of its answer is cut short (crash, cancellation, disk full),
+        # the records stay marked in flight in the database. The next pass of this process puts
+        # them back (a restart does the same through resume_in_flight), possibly received unless
+        # AWS refused the call.
+        maybe = True
         try:
             result = await self._call(batch)
-        except BaseException:
-            # Cancelled or crashed mid-call: the request may have left. Queue (without awaiting)
-            # the write that puts these records back, marked as possibly received.
-            now = self.clock.now()
-            ids = [r.id for r in batch]
-            self.store.submit(lambda c: rec.mark_retry(c, ids, error="send interrupted; outcome unknown",
-                                                       maybe_received=True, next_attempt_at=dict.fromkeys(ids, now)))
-            raise
-        summary.calls += 1
-        try:
+            maybe = result.maybe_received or result.kind == "answered"
+            summary.calls += 1
             await self._settle(batch, result, summary)
         except BaseException:
-            # The answer could not be written (disk full, shutdown): these records are still marked
-            # in flight in the database. Put them back at the start of the next pass, possibly
-            # received unless AWS refused the call.
-            maybe = result.maybe_received or result.kind == "answered"
             for r in batch:
                 self._unsettled[r.id] = self._unsettled.get(r.id, False) or maybe
             raise
@@ -265,14 +272,16 @@ class Flusher:
                             summary: FlushSummary) -> None:
         by_key = {r.match_key: r for r in batch}
         seen: set[int] = set()
-        done: list[tuple[rec.DueRecord, str, str | None, str | None]] = []
+        done: list[tuple[rec.DueRecord, str, str, str | None]] = []  # record, outcome, status, record id
         for res in result.results:
             r = by_key.get(result_key(batch[0].scheme, res.get("UsageRecord", {})))
             if r is None or r.id in seen:
                 log.error("unmatched_result", result=str(res)[:300])
                 continue
             seen.add(r.id)
-            done.append((r, str(res.get("Status")), res.get("MeteringRecordId"), None))
+            status = str(res.get("Status"))
+            done.append((r, record_outcome(status, maybe_received=r.maybe_received), status,
+                         res.get("MeteringRecordId")))
         unprocessed = []
         for u in result.unprocessed:
             r = by_key.get(result_key(batch[0].scheme, u))
@@ -282,17 +291,14 @@ class Flusher:
         missing = [r for r in batch if r.id not in seen]
 
         def apply(conn: Any) -> None:
-            for r, status, mrid, _ in done:
-                if status == "Success":
+            for r, outcome, status, mrid in done:
+                if outcome == "sent":
                     rec.mark_sent(conn, r.id, status=status, metering_record_id=mrid, now=now)
-                elif status == "DuplicateRecord" and r.maybe_received:
-                    # Our own earlier send of this same frozen record landed: it is billed.
-                    rec.mark_sent(conn, r.id, status=status, metering_record_id=mrid, now=now)
-                elif status == "DuplicateRecord":
+                elif outcome == "conflict":
                     rec.mark_terminal(conn, r.id, state="conflict", status=status,
                                       error="AWS already holds a different record for this customer, "
                                             "dimension and hour (another sender?)")
-                elif status == "CustomerNotSubscribed":
+                elif outcome == "rejected":
                     rec.mark_terminal(conn, r.id, state="rejected", status=status,
                                       error="customer not subscribed; replay after they subscribe")
                 else:
@@ -300,13 +306,10 @@ class Flusher:
                                    next_attempt_at={r.id: now + self._backoff(r)})
 
         await self.store.run(apply)
-        for r, status, _, _ in done:
-            state = ("sent" if status == "Success" or (status == "DuplicateRecord" and r.maybe_received)
-                     else "conflict" if status == "DuplicateRecord"
-                     else "rejected" if status == "CustomerNotSubscribed" else "retry")
-            summary.outcomes[state] += 1
-            self.records_by_outcome[state] += 1
-            if state == "conflict":
+        for r, outcome, _, _ in done:
+            summary.outcomes[outcome] += 1
+            self.records_by_outcome[outcome] += 1
+            if outcome == "conflict":
                 log.error("record_conflict", record=r.id, payload=r.payload)
         if unprocessed:
             await self._retry(unprocessed, "UnprocessedRecords", False, summary)

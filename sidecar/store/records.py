@@ -21,7 +21,6 @@ from sidecar.usage import BucketKey, Delta, record_timestamp
 
 log = structlog.get_logger("sidecar.records")
 
-TERMINAL = ("sent", "rejected", "expired", "unknown", "conflict", "carried")
 REPLAYABLE = ("rejected", "conflict", "expired")
 
 
@@ -125,7 +124,7 @@ def _set_state(conn: sqlite3.Connection, record_id: int, state: str, **fields: A
 
 
 def carry_into_open_hour(conn: sqlite3.Connection, record_id: int, *, now: float, watermark: int,
-                         apply_deltas: Any) -> None:
+                         apply_deltas: Any, reason: str) -> None:
     """Move a never-received record's quantity into the current open hour of its customer."""
     r = conn.execute(
         "SELECT r.customer, r.dimension, r.quantity, b.unit FROM records r JOIN buckets b"
@@ -138,7 +137,7 @@ def carry_into_open_hour(conn: sqlite3.Connection, record_id: int, *, now: float
     if raw:
         deltas[(r["customer"], r["dimension"], hour)] = Delta(raw=raw, events=0, carried_in=raw,
                                                                first_event_at=int(now))
-    _set_state(conn, record_id, "carried", last_error=f"window closed; carried to hour {hour}")
+    _set_state(conn, record_id, "carried", last_error=f"{reason}; carried to hour {hour}")
     apply_deltas(conn, deltas)
     log.warning("record_carried", record=record_id, customer=r["customer"], dimension=r["dimension"],
                 quantity=r["quantity"], to_hour=hour)
@@ -155,7 +154,7 @@ def close_window(conn: sqlite3.Connection, record: int, *, policy: str, now: flo
                   dimension=row["dimension"], quantity=row["quantity"])
         return "unknown"
     if policy == "carry":
-        carry_into_open_hour(conn, record, now=now, watermark=watermark, apply_deltas=apply_deltas)
+        carry_into_open_hour(conn, record, now=now, watermark=watermark, apply_deltas=apply_deltas, reason=reason)
         return "carried"
     _set_state(conn, record, "expired", last_error=reason)
     log.error("record_expired", record=record, customer=row["customer"], dimension=row["dimension"],
@@ -243,38 +242,32 @@ def replay(conn: sqlite3.Connection, *, states: Iterable[str], now: float, windo
     if not states:
         return {}
     marks = ",".join("?" for _ in states)
-    sql = f"SELECT id, timestamp, state, maybe_received FROM records WHERE state IN ({marks})"
+    sql = f"SELECT id, timestamp, state FROM records WHERE state IN ({marks})"
     args: list[Any] = list(states)
     if customer:
         sql += " AND (customer = ? OR customer LIKE ?)"
         args += [customer, f"%:{customer}%"]
     counts = {"resent": 0, "carried": 0, "unknown": 0}
     for r in conn.execute(sql, args).fetchall():
-        open_window = now < window_closes_at(r["timestamp"], window_s=window_s, margin_s=margin_s)
-        if r["maybe_received"] and not (r["state"] == "rejected" and open_window):
-            # An earlier send may have been billed: never move it (invariant 5). Past the window it
-            # can only be reconciled against AWS's billing report.
-            _set_state(conn, r["id"], "unknown",
-                       last_error="replay refused to carry: an earlier send may have been billed")
-            counts["unknown"] += 1
-            continue
         # A rejected record (e.g. the customer has subscribed since) is resent unchanged while AWS's
-        # window is open. A conflict would only meet the same DuplicateRecord again, and an expired
-        # record cannot be sent any more: their quantity moves into the customer's open hour.
-        if r["state"] == "rejected" and open_window:
+        # window is open. Anything else is closed like an expired window, carried into the open
+        # hour: a conflict would only meet the same DuplicateRecord again, an expired record cannot
+        # be sent any more, and a record whose earlier send may have been billed is never moved.
+        if r["state"] == "rejected" and now < window_closes_at(r["timestamp"], window_s=window_s, margin_s=margin_s):
             conn.execute("UPDATE records SET next_attempt_at = 0, last_error = 'replayed by operator' WHERE id = ?",
                          (r["id"],))
             _set_state(conn, r["id"], "pending")
             counts["resent"] += 1
         else:
-            carry_into_open_hour(conn, r["id"], now=now, watermark=watermark, apply_deltas=apply_deltas)
-            counts["carried"] += 1
+            state = close_window(conn, r["id"], policy="carry", now=now, watermark=watermark,
+                                 apply_deltas=apply_deltas, reason=f"replayed by operator from {r['state']}")
+            counts[state] += 1
     return counts
 
 
-def pending_summary(conn: sqlite3.Connection) -> dict[str, Any]:
-    """Counts of records by state and the oldest pending record's timestamp."""
-    by_state = {r["state"]: r["n"] for r in conn.execute("SELECT state, count(*) AS n FROM records GROUP BY state")}
-    oldest = conn.execute("SELECT min(timestamp) AS t FROM records WHERE state = 'pending'").fetchone()["t"]
-    next_due = conn.execute("SELECT min(next_attempt_at) AS t FROM records WHERE state = 'pending'").fetchone()["t"]
-    return {"by_state": by_state, "oldest_pending_timestamp": oldest, "next_attempt_at": next_due}
+def pending_summary(conn: sqlite3.Connection) -> tuple[int, float | None]:
+    """How many records are pending, and the earliest time one of them is due again."""
+    row = conn.execute(
+        "SELECT count(*) AS n, min(next_attempt_at) AS t FROM records WHERE state = 'pending'"
+    ).fetchone()
+    return row["n"], row["t"]
