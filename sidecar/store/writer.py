@@ -109,6 +109,7 @@ class Store:
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._tenants: dict[str, str] = {}
+        self._raw_units = {d.name: d.raw_unit for d in settings.dimensions}  # stored with each new bucket
         self._on_commit: list[Callable[[], object]] = []  # in-memory updates to apply once committed
         self._queued_events = 0  # events handed to the writer and not yet committed or failed
         self._queued_lock = threading.Lock()
@@ -216,7 +217,7 @@ class Store:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 now = self.clock.now()
-                watermark = sealing_watermark(now, self.settings.hour_grace_s, self._watermark)
+                watermark = self.watermark(now)
                 conn.execute("SAVEPOINT grp")
                 try:  # fast path: the whole group in one pass
                     for job, res in zip(group, self._ingest(conn, [j.events for j in group], now, watermark),
@@ -335,7 +336,7 @@ class Store:
         """Add deltas to open buckets. A sealed bucket is never touched: that would be a bug."""
         if not deltas:
             return
-        units = {d.name: d.raw_unit for d in self.settings.dimensions}
+        units = self._raw_units
         rows = [
             (c, d, h, "unmapped" if c.startswith("tenant:") else "open", dl.raw, dl.events,
              dl.carried_in, dl.first_event_at, units.get(d, 1))
@@ -428,7 +429,7 @@ class Store:
             (tenant, key, source, int(now)),
         )
         src = f"tenant:{tenant}"
-        watermark = sealing_watermark(now, self.settings.hour_grace_s, self._watermark)
+        watermark = self.watermark(now)
         current = max(hour_start(now), watermark)
         deltas: dict[BucketKey, Delta] = {}
         moved = conn.execute(
