@@ -137,24 +137,7 @@ class Settings:
         return None
 
 
-# Environment variable → (settings field, parser). TOML's [sidecar] table uses the field names.
-def _int(v: str) -> int:
-    return int(v)
-
-
-def _float(v: str) -> float:
-    return float(v)
-
-
-def _bool(v: str) -> bool:
-    low = v.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("must be true or false")
-
-
+# Environment variable → settings field. TOML's [sidecar] table uses the field names.
 ENV_SETTINGS: Mapping[str, str] = {
     "SIDECAR_LISTEN": "listen",
     "SIDECAR_DB": "db_path",
@@ -182,23 +165,24 @@ ENV_SETTINGS: Mapping[str, str] = {
     "SIDECAR_LOG_FORMAT": "log_format",
 }
 
-_PARSERS: Mapping[str, Any] = {
-    "max_body_bytes": _int,
-    "max_queued_events": _int,
-    "max_event_age_s": _int,
-    "retention_s": _int,
-    "hour_grace_s": _int,
-    "flush_interval_s": _float,
-    "connect_timeout_s": _float,
-    "read_timeout_s": _float,
-    "calls_per_s": _float,
-    "window_s": _int,
-    "window_margin_s": _int,
-    "max_backoff_s": _float,
-    "shutdown_deadline_s": _float,
-    "heartbeats": _bool,
-    "heartbeat_hours": _int,
-    "dry_run": _bool,
+# The type of each numeric or boolean setting.
+_KINDS: Mapping[str, type] = {
+    "max_body_bytes": int,
+    "max_queued_events": int,
+    "max_event_age_s": int,
+    "retention_s": int,
+    "hour_grace_s": int,
+    "flush_interval_s": float,
+    "connect_timeout_s": float,
+    "read_timeout_s": float,
+    "calls_per_s": float,
+    "window_s": int,
+    "window_margin_s": int,
+    "max_backoff_s": float,
+    "shutdown_deadline_s": float,
+    "heartbeats": bool,
+    "heartbeat_hours": int,
+    "dry_run": bool,
 }
 
 _CHOICES: Mapping[str, tuple[str, ...]] = {
@@ -278,21 +262,8 @@ def _convert(key: str, where: str, value: Any) -> dict[str, Any]:
         return {"token": token or None}
     if key == "product_code":
         return {"product_code": str(value) or None}
-    if key in _PARSERS:
-        if isinstance(value, str):
-            try:
-                value = _PARSERS[key](value)
-            except ValueError as exc:
-                raise ConfigError(f"{where}: {exc if _PARSERS[key] is _bool else 'not a number'}") from exc
-        elif _PARSERS[key] is _bool and not isinstance(value, bool):
-            raise ConfigError(f"{where}: must be true or false")
-        elif _PARSERS[key] is not _bool and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ConfigError(f"{where}: not a number")
-        if _PARSERS[key] is _int and (not isinstance(value, int) or isinstance(value, bool)):
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)
-            else:
-                raise ConfigError(f"{where}: must be a whole number")
+    if key in _KINDS:
+        value = _typed(_KINDS[key], where, value)
         if key in _POSITIVE and not value > 0:
             raise ConfigError(f"{where}: must be greater than 0")
         if key in _NON_NEGATIVE and value < 0:
@@ -305,6 +276,29 @@ def _convert(key: str, where: str, value: Any) -> dict[str, Any]:
             raise ConfigError(f"{where}: must be one of {', '.join(_CHOICES[key])} (got {text!r})")
         return {key: norm}
     raise ConfigError(f"{where}: unknown setting")
+
+
+def _typed(kind: type, where: str, value: Any) -> Any:
+    """A string from the environment or a TOML value as `kind` (bool, int or float)."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        low = str(value).strip().lower() if isinstance(value, str) else None
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{where}: must be true or false")
+    if isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            raise ConfigError(f"{where}: not a number") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{where}: not a number")
+    if kind is int and not float(value).is_integer():
+        raise ConfigError(f"{where}: must be a whole number")
+    return kind(value)
 
 
 def _parse_listen(where: str, value: str) -> tuple[str, int]:
