@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import math
 import time
@@ -298,10 +299,14 @@ async def get_healthz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if writable else 503)
 
 
+@functools.cache
+def _openapi_document() -> bytes:
+    return (store_mod.schema_dir() / "openapi.json").read_bytes()
+
+
 async def get_openapi(request: web.Request) -> web.Response:
-    """GET /openapi.json: the API document, as shipped."""
-    body = await asyncio.to_thread((store_mod.schema_dir() / "openapi.json").read_bytes)
-    return web.Response(body=body, content_type="application/json")
+    """GET /openapi.json: the API document, as shipped (read from the package once)."""
+    return web.Response(body=_openapi_document(), content_type="application/json")
 
 
 async def get_metrics(request: web.Request) -> web.Response:
