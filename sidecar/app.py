@@ -18,8 +18,8 @@ from aiohttp import web
 from sidecar import store as store_mod
 from sidecar.clock import HOUR_S, Clock, SystemClock, hour_start
 from sidecar.config import CustomerRef, Settings
-from sidecar.errors import BadBody, InvalidEvent, StoreBusy, StoreClosed, StoreUnavailable
-from sidecar.events import CONTROL_CHARS, JSON_TYPES, NDJSON_TYPES, UsageEvent, parse_body, validate_event
+from sidecar.errors import BadBody, StoreBusy, StoreClosed, StoreUnavailable
+from sidecar.events import CONTROL_CHARS, JSON_TYPES, NDJSON_TYPES, check_items, parse_body
 from sidecar.flush import Flusher, MeteringApi
 from sidecar.metrics import Metrics
 from sidecar.page import render_usage_page
@@ -158,17 +158,8 @@ async def ingest_events(request: web.Request) -> web.Response:
     except BadBody as exc:
         return error(400, str(exc))
     now = request.app[CLOCK].now()
-    valid: list[UsageEvent] = []
-    rejected: list[dict[str, Any]] = []
-    for index, item in enumerate(items):
-        if item.error is not None:
-            rejected.append({"index": index, "error": item.error})
-            continue
-        try:
-            valid.append(validate_event(item.value, now=now, max_age_s=settings.max_event_age_s,
-                                        max_future_s=settings.max_future_s))
-        except InvalidEvent as exc:
-            rejected.append({"index": index, "error": str(exc)})
+    valid, rejected = check_items(items, now=now, max_age_s=settings.max_event_age_s,
+                                  max_future_s=settings.max_future_s)
     accepted = duplicates = 0
     if valid:
         try:

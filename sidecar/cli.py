@@ -19,8 +19,8 @@ from sidecar import store as store_mod
 from sidecar.app import parse_when, present_row
 from sidecar.clock import SystemClock
 from sidecar.config import Settings, load_settings, validate_for_serving
-from sidecar.errors import ConfigError, DatabaseCorrupt, InvalidEvent
-from sidecar.events import UsageEvent, parse_body, validate_event
+from sidecar.errors import ConfigError, DatabaseCorrupt
+from sidecar.events import NDJSON_TYPES, check_items, parse_body
 from sidecar.flush import Flusher, MeteringApi
 from sidecar.store import Store, records
 
@@ -106,33 +106,31 @@ def cmd_replay(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def import_spool(store: Store, path: Path, settings: Settings) -> dict[str, int]:
-    """Ingest an NDJSON spool file in batches; duplicates of events already stored count once."""
+    """Ingest an NDJSON spool file 1,000 lines at a time; duplicates of stored events count once."""
     counts = {"accepted": 0, "duplicates": 0, "rejected": 0}
-    batch: list[UsageEvent] = []
+    chunk: list[tuple[int, bytes]] = []  # (line number, line) of non-blank lines
 
-    def flush() -> None:
-        if batch:
-            res = store.ingest_future(list(batch)).result()
+    def ingest() -> None:
+        items = parse_body(b"\n".join(line for _, line in chunk), NDJSON_TYPES[0])
+        valid, rejected = check_items(items, now=store.clock.now(), max_age_s=settings.max_event_age_s,
+                                      max_future_s=settings.max_future_s)
+        for r in rejected:
+            print(f"{path}:{chunk[r['index']][0]}: {r['error']}", file=sys.stderr)
+        counts["rejected"] += len(rejected)
+        if valid:
+            res = store.ingest_future(valid).result()
             counts["accepted"] += res.accepted
             counts["duplicates"] += res.duplicates
-            batch.clear()
+        chunk.clear()
 
     with path.open("rb") as fh:
         for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                [item] = parse_body(line, "application/x-ndjson")
-                if item.error is not None:
-                    raise InvalidEvent("line", item.error)
-                batch.append(validate_event(item.value, now=store.clock.now(), max_age_s=settings.max_event_age_s,
-                                            max_future_s=settings.max_future_s))
-            except InvalidEvent as exc:
-                counts["rejected"] += 1
-                print(f"{path}:{lineno}: {exc}", file=sys.stderr)
-            if len(batch) >= 1000:
-                flush()
-    flush()
+            if line.strip():
+                chunk.append((lineno, line.rstrip(b"\r\n")))
+            if len(chunk) >= 1000:
+                ingest()
+    if chunk:
+        ingest()
     return counts
 
 

@@ -282,3 +282,19 @@ def validate_event(obj: Any, *, now: float, max_age_s: int, max_future_s: int) -
         gpu_micros=gpu_micros,
         finish=finish,
     )
+
+
+def check_items(items: list[Item], *, now: float, max_age_s: int,
+                max_future_s: int) -> tuple[list[UsageEvent], list[dict[str, Any]]]:
+    """Validate decoded items: the valid events, and `{"index", "error"}` for each refused one."""
+    valid: list[UsageEvent] = []
+    rejected: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        if item.error is not None:
+            rejected.append({"index": index, "error": item.error})
+            continue
+        try:
+            valid.append(validate_event(item.value, now=now, max_age_s=max_age_s, max_future_s=max_future_s))
+        except InvalidEvent as exc:
+            rejected.append({"index": index, "error": str(exc)})
+    return valid, rejected
