@@ -93,10 +93,7 @@ def cmd_replay(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     out: dict[str, Any] = {}
     try:
         if args.state:
-            now = clock.now()
-            out["records"] = store.call(lambda c: records.replay(
-                c, states=args.state, now=now, window_s=settings.window_s, margin_s=settings.window_margin_s,
-                customer=args.customer, watermark=store.watermark(now), apply_deltas=store.apply_deltas))
+            out["records"] = store.replay_sync(states=args.state, customer=args.customer)
         if args.spool:
             out["spool"] = import_spool(store, Path(args.spool), settings)
     finally:

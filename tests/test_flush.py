@@ -28,6 +28,13 @@ async def kit(tmp_path: Path):  # type: ignore[no-untyped-def]
     await k.close()
 
 
+def another_senders_record(kit: Kit) -> None:
+    """Someone else bills cust-000's 09:00 inference-requests with a different quantity first."""
+    kit.sim.batch_meter_usage({"ProductCode": PRODUCT, "UsageRecords": [
+        {"CustomerIdentifier": "cust-000", "Dimension": "inference-requests", "Quantity": 99,
+         "Timestamp": H09 + 5}]})
+
+
 def billed(kit: Kit, customer: str, dimension: str, hour: int) -> int | None:
     """What the simulator billed for one key."""
     q = kit.sim.billed_quantity(DedupKey(customer, PRODUCT, dimension, hour))
@@ -110,10 +117,7 @@ async def test_not_subscribed_is_rejected_then_replayed(tmp_path: Path) -> None:
         rejected = [r for r in k.records() if r["state"] == "rejected"]
         assert {r["aws_status"] for r in rejected} == {"CustomerNotSubscribed"}
         k.sim.configure(subscribe_all=True)
-        now = k.clock.now()
-        out = await k.store.run(lambda c: rec.replay(
-            c, states=["rejected"], now=now, window_s=86400, margin_s=1800, customer=None,
-            watermark=k.store.watermark(now), apply_deltas=k.store.apply_deltas))
+        out = await k.store.replay(states=["rejected"])
         assert out == {"resent": 2, "carried": 0, "unknown": 0}
         await k.flusher.flush_once()
         assert k.states() == {"sent": 4}
@@ -125,9 +129,7 @@ async def test_unexplained_duplicate_is_conflict(kit: Kit) -> None:
     """A DuplicateRecord we cannot explain (someone else sent that key) ends as conflict."""
     kit.ingest(*customer_events(1))
     kit.clock.set(SEALED)
-    kit.sim.batch_meter_usage({"ProductCode": PRODUCT, "UsageRecords": [
-        {"CustomerIdentifier": "cust-000", "Dimension": "inference-requests", "Quantity": 99,
-         "Timestamp": H09 + 5}]})
+    another_senders_record(kit)
     await kit.flusher.flush_once()
     by_dim = {r["dimension"]: r for r in kit.records()}
     assert by_dim["inference-requests"]["state"] == "conflict"
@@ -410,14 +412,9 @@ async def test_replay_conflict_carries_forward(kit: Kit) -> None:
     """Replaying a conflict moves its quantity into the open hour instead of meeting DuplicateRecord again."""
     kit.ingest(*customer_events(1))
     kit.clock.set(SEALED)
-    kit.sim.batch_meter_usage({"ProductCode": PRODUCT, "UsageRecords": [
-        {"CustomerIdentifier": "cust-000", "Dimension": "inference-requests", "Quantity": 99,
-         "Timestamp": H09 + 5}]})
+    another_senders_record(kit)
     await kit.flusher.flush_once()
-    now = kit.clock.now()
-    out = await kit.store.run(lambda c: rec.replay(
-        c, states=["conflict"], now=now, window_s=86400, margin_s=1800, customer=None,
-        watermark=kit.store.watermark(now), apply_deltas=kit.store.apply_deltas))
+    out = await kit.store.replay(states=["conflict"])
     assert out == {"resent": 0, "carried": 1, "unknown": 0}
     by_dim = {r["dimension"]: r["state"] for r in kit.records()}
     assert by_dim["inference-requests"] == "carried"
@@ -438,10 +435,7 @@ async def test_replay_never_carries_a_maybe_received_record(kit: Kit) -> None:
     await kit.flusher.flush_once()
     assert {r["state"] for r in kit.records()} == {"rejected"}
     kit.clock.set(H09 + 86400 + 60)
-    now = kit.clock.now()
-    out = await kit.store.run(lambda c: rec.replay(
-        c, states=["rejected"], now=now, window_s=86400, margin_s=1800, customer=None,
-        watermark=kit.store.watermark(now), apply_deltas=kit.store.apply_deltas))
+    out = await kit.store.replay(states=["rejected"])
     assert out == {"resent": 0, "carried": 0, "unknown": 2}
     assert {r["state"] for r in kit.records()} == {"unknown"}
 

@@ -552,6 +552,20 @@ class Store:
         """Map a tenant to a customer; returns how many unmapped buckets joined its buckets."""
         return await self.run(lambda conn: self._map_tenant(conn, tenant, ref, source))
 
+    def _replay(self, conn: sqlite3.Connection, *, states: Sequence[str], customer: str | None) -> dict[str, int]:
+        now = self.clock.now()
+        return records.replay(conn, states=states, now=now, window_s=self.settings.window_s,
+                              margin_s=self.settings.window_margin_s, customer=customer,
+                              watermark=self.watermark(now), apply_deltas=self.apply_deltas)
+
+    async def replay(self, *, states: Sequence[str], customer: str | None = None) -> dict[str, int]:
+        """Re-drive rejected, conflict or expired records (see records.replay); returns counts."""
+        return await self.run(functools.partial(self._replay, states=states, customer=customer))
+
+    def replay_sync(self, *, states: Sequence[str], customer: str | None = None) -> dict[str, int]:
+        """Blocking form of `replay`, for the CLI."""
+        return self.call(functools.partial(self._replay, states=states, customer=customer))
+
     def close(self) -> None:
         """Finish queued work, then close the write connection."""
         if self._closed:
