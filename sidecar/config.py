@@ -249,7 +249,7 @@ def load_settings(env: Mapping[str, str], *, require_region: bool = False) -> Se
 def _convert(key: str, where: str, value: Any) -> dict[str, Any]:
     """Convert one raw setting (string from the environment or a TOML value) and validate it."""
     if key == "listen":
-        host, port = _parse_listen(where, str(value))
+        host, port = parse_listen(where, str(value))
         return {"listen_host": host, "listen_port": port}
     if key == "db_path":
         if not str(value):
@@ -301,7 +301,8 @@ def _typed(kind: type, where: str, value: Any) -> Any:
     return kind(value)
 
 
-def _parse_listen(where: str, value: str) -> tuple[str, int]:
+def parse_listen(where: str, value: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 hosts may be bracketed); ConfigError names `where` when it is not one."""
     host, sep, port_text = value.rpartition(":")
     if not sep or not host:
         raise ConfigError(f"{where}: must be HOST:PORT, e.g. 127.0.0.1:9600")

@@ -35,6 +35,9 @@ from typing import Any, Literal, NamedTuple
 import structlog
 from aiohttp import web
 
+from sidecar.config import parse_listen
+from sidecar.errors import ConfigError
+
 __all__ = [
     "DEFAULT_DIMENSIONS",
     "BilledRecord",
@@ -749,10 +752,10 @@ async def start(
 
 
 def _listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]"), int(port)
+    try:
+        return parse_listen("--listen", value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _rate(value: str) -> float:
