@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,14 +156,30 @@ def bench_storage(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return {"events": total, "seconds": secs, "events_per_s": total / secs}
 
 
-def bench_flush(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    """Drain a backlog of sealed records against the simulator at the configured rate."""
-    n = 500 if args.smoke else 10_000
+@contextlib.contextmanager
+def simulator() -> Iterator[dict[str, str]]:
+    """`sidecar simulate-marketplace` on a free port; yields the client environment that reaches it."""
     port = free_port()
     sim = start([sys.executable, "-m", "sidecar", "simulate-marketplace", "--listen", f"127.0.0.1:{port}",
                  "--subscribe-all", "--product-code", "bench"])
     try:
         wait_http(f"http://127.0.0.1:{port}/_sim/state")
+        yield {"AWS_ENDPOINT_URL_MARKETPLACE_METERING": f"http://127.0.0.1:{port}",
+               "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"}
+    finally:
+        stop(sim)
+
+
+def flusher_for(store: Store, settings: Settings, clock: ManualClock, env: dict[str, str]) -> Flusher:
+    """The real flusher and botocore client, paced at the settings' rate."""
+    return Flusher(store, MeteringClient(settings, env=env), settings, clock, rng=random.Random(1),
+                   pacer=Pacer(settings.calls_per_s))
+
+
+def bench_flush(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Drain a backlog of sealed records against the simulator at the configured rate."""
+    n = 500 if args.smoke else 10_000
+    with simulator() as env:
         now = time.time()
         settings = Settings(db_path=tmp / "flush.db", region="us-east-1", product_code="bench",
                             dimensions=(Dimension(name="inference-requests", source="count", unit=1),))
@@ -171,15 +189,11 @@ def bench_flush(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             evs = make_events(min(1000, n - b), now=clock.now(), prefix=f"f{b}", customer=lambda i, b=b: f"c{b + i}")
             store.ingest_future(evs).result()
         clock.set(now)
-        api = MeteringClient(settings, env={"AWS_ENDPOINT_URL_MARKETPLACE_METERING": f"http://127.0.0.1:{port}",
-                                            "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"})
-        flusher = Flusher(store, api, settings, clock, rng=random.Random(1), pacer=Pacer(settings.calls_per_s))
+        flusher = flusher_for(store, settings, clock, env)
         started = time.perf_counter()
         summary = asyncio.run(flusher.flush_once())
         secs = time.perf_counter() - started
         store.close()
-    finally:
-        stop(sim)
     return {"records": n, "seconds": secs, "calls": summary.calls, "sent": summary.outcomes["sent"],
             "calls_per_s": summary.calls / secs, "configured_calls_per_s": settings.calls_per_s,
             "records_per_call": summary.outcomes["sent"] / max(summary.calls, 1)}
@@ -189,19 +203,13 @@ def bench_retention(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """Constant load over simulated hours with retention on: rows and file size must level off."""
     hours = 6 if args.smoke else 12
     per_hour = 5_000 if args.smoke else 20_000
-    port = free_port()
-    sim = start([sys.executable, "-m", "sidecar", "simulate-marketplace", "--listen", f"127.0.0.1:{port}",
-                 "--subscribe-all", "--product-code", "bench"])
-    try:
-        wait_http(f"http://127.0.0.1:{port}/_sim/state")
+    with simulator() as env:
         t0 = hour_start(time.time()) - hours * HOUR_S
         clock = ManualClock(t0 + 60)
         settings = Settings(db_path=tmp / "retention.db", region="us-east-1", product_code="bench",
                             retention_s=2 * HOUR_S, max_event_age_s=2 * HOUR_S, calls_per_s=1000)
         store = Store.open(settings.db_path, settings=settings, clock=clock)
-        api = MeteringClient(settings, env={"AWS_ENDPOINT_URL_MARKETPLACE_METERING": f"http://127.0.0.1:{port}",
-                                            "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"})
-        flusher = Flusher(store, api, settings, clock, rng=random.Random(1), pacer=Pacer(settings.calls_per_s))
+        flusher = flusher_for(store, settings, clock, env)
         series = []
         for h in range(hours):
             clock.set(t0 + h * HOUR_S + 600)
@@ -222,8 +230,6 @@ def bench_retention(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             series.append({"hour": h, "event_rows": rows, "pruned": pruned,
                            "db_bytes": db_size_bytes(settings.db_path)})
         store.close()
-    finally:
-        stop(sim)
     return {"events_per_hour": per_hour, "retention_s": 2 * HOUR_S, "series": series}
 
 
