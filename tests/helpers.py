@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -51,3 +52,26 @@ def with_settings(settings: Settings, **changes: Any) -> Settings:
 def ndjson(events: list[dict[str, Any]]) -> bytes:
     """Events as an NDJSON body."""
     return b"".join(json.dumps(e).encode() + b"\n" for e in events)
+
+
+def accounted_usage(db: Path) -> dict[tuple[str, str], int]:
+    """Usage the database accounts for, per (customer, dimension), in raw units: open buckets' raw,
+    whole units × unit of every sealed bucket not carried elsewhere, and carried remainders.
+    Conservation holds when this equals the usage ingested."""
+    import sqlite3
+    from collections import defaultdict
+
+    got: dict[tuple[str, str], int] = defaultdict(int)
+    conn = sqlite3.connect(db)
+    try:
+        for cust, dim, state, raw, q, unit in conn.execute(
+                "SELECT customer, dimension, state, raw, quantity, unit FROM buckets"):
+            if state in ("open", "unmapped"):
+                got[(cust, dim)] += raw
+            elif state != "carried":
+                got[(cust, dim)] += q * unit
+        for cust, dim, raw in conn.execute("SELECT customer, dimension, raw FROM carries"):
+            got[(cust, dim)] += raw
+    finally:
+        conn.close()
+    return dict(got)

@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from helpers import T0, event
+from helpers import T0, accounted_usage, event
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -198,14 +198,7 @@ def test_conservation_property(steps: list[tuple[Any, ...]]) -> None:
                 e = ev(obj, at)
                 for dim in s.dimensions:
                     expected[(key, dim.name)] += e.source_amount(dim.source)
-            got: dict[tuple[str, str], int] = defaultdict(int)
-            for (cust, dim, _), b in buckets(store).items():
-                if b["state"] in ("open", "unmapped"):
-                    got[(cust, dim)] += b["raw"]
-                else:
-                    got[(cust, dim)] += b["quantity"] * b["unit"]
-            for key, raw in carries(store).items():
-                got[key] += raw
+            got = accounted_usage(store.path)
             assert {k: v for k, v in got.items() if v} == {k: v for k, v in expected.items() if v}
         finally:
             store.close()

@@ -3,29 +3,18 @@ and usage is conserved for every customer and dimension."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections import defaultdict
 from pathlib import Path
 
 from flushkit import H09, H10, Kit, customer_events, make_kit
-from helpers import event
+from helpers import accounted_usage, event
 
 from sidecar.clock import HOUR_S
 
 
 def conserved(k: Kit, ingested: dict[tuple[str, str], int]) -> None:
     """Σ open raw + Σ units × unit of every non-carried sealed bucket + carries = Σ ingested raw."""
-    got: dict[tuple[str, str], int] = defaultdict(int)
-    conn = sqlite3.connect(k.store.path)
-    for cust, dim, state, raw, q, unit in conn.execute(
-            "SELECT customer, dimension, state, raw, quantity, unit FROM buckets"):
-        if state in ("open", "unmapped"):
-            got[(cust, dim)] += raw
-        elif state != "carried":
-            got[(cust, dim)] += q * unit
-    for cust, dim, raw in conn.execute("SELECT customer, dimension, raw FROM carries"):
-        got[(cust, dim)] += raw
-    conn.close()
+    got = accounted_usage(k.store.path)
     assert {k_: v for k_, v in got.items() if v} == {k_: v for k_, v in ingested.items() if v}
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sqlite3
 import tempfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from flushkit import H09, PRODUCT, Kit, make_kit
-from helpers import event
+from helpers import accounted_usage, event
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -100,14 +99,7 @@ async def scenario(tmp: Path, seed: int, customers: int, phases: list[dict[str, 
             assert k.sim.billed_quantity(key) == r["quantity"]
         assert len(k.sim.billed) == len(rows)
         # Conservation in raw units: sent quantity x unit + carried remainder + open usage = ingested.
-        got: dict[tuple[str, str], int] = defaultdict(int)
-        conn = sqlite3.connect(k.store.path)
-        for cust, dim, state, raw, q, unit in conn.execute(
-                "SELECT customer, dimension, state, raw, quantity, unit FROM buckets"):
-            got[(cust, dim)] += raw if state in ("open", "unmapped") else q * unit
-        for cust, dim, raw in conn.execute("SELECT customer, dimension, raw FROM carries"):
-            got[(cust, dim)] += raw
-        conn.close()
+        got = accounted_usage(k.store.path)
         assert dict(got) == dict(expected)
     finally:
         await k.close()
