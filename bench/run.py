@@ -144,7 +144,7 @@ def make_events(n: int, *, now: float, prefix: str, customer: Any = lambda i: f"
 def bench_storage(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """The storage ceiling: the store's own ingest path (dedup + bucket upserts), batches of 1,000, FULL sync."""
     now = time.time()
-    settings = Settings(db_path=tmp / "storage.db")
+    settings = Settings(birth_hour="report", db_path=tmp / "storage.db")
     store = Store.open(settings.db_path, settings=settings, clock=ManualClock(now))
     total = 20_000 if args.smoke else 200_000
     batches = [make_events(1000, now=now, prefix=f"s{b}") for b in range(total // 1000)]
@@ -181,7 +181,7 @@ def bench_flush(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     n = 500 if args.smoke else 10_000
     with simulator() as env:
         now = time.time()
-        settings = Settings(db_path=tmp / "flush.db", region="us-east-1", product_code="bench",
+        settings = Settings(birth_hour="report", db_path=tmp / "flush.db", region="us-east-1", product_code="bench",
                             dimensions=(Dimension(name="inference-requests", source="count", unit=1),))
         clock = ManualClock(hour_start(now) - 2 * HOUR_S + 60)  # an hour that is sealed by now
         store = Store.open(settings.db_path, settings=settings, clock=clock)
@@ -206,7 +206,7 @@ def bench_retention(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     with simulator() as env:
         t0 = hour_start(time.time()) - hours * HOUR_S
         clock = ManualClock(t0 + 60)
-        settings = Settings(db_path=tmp / "retention.db", region="us-east-1", product_code="bench",
+        settings = Settings(birth_hour="report", db_path=tmp / "retention.db", region="us-east-1", product_code="bench",
                             retention_s=2 * HOUR_S, max_event_age_s=2 * HOUR_S, calls_per_s=1000)
         store = Store.open(settings.db_path, settings=settings, clock=clock)
         flusher = flusher_for(store, settings, clock, env)
@@ -238,7 +238,7 @@ def bench_startup(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     n = 50_000 if args.smoke else 1_000_000
     db = tmp / "startup.db"
     now = time.time()
-    settings = Settings(db_path=db, synchronous="NORMAL")
+    settings = Settings(birth_hour="report", db_path=db, synchronous="NORMAL")
     store = Store.open(db, settings=settings, clock=ManualClock(now))
     for b in range(0, n, 5000):
         store.ingest_future(make_events(5000, now=now, prefix=f"u{b}")).result()

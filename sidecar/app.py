@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import functools
 import hmac
-import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -24,6 +23,7 @@ from sidecar.flush import Flusher, MeteringApi
 from sidecar.metrics import Metrics
 from sidecar.page import render_usage_page
 from sidecar.store import Store, UsageFilter
+from sidecar.when import parse_when
 
 log = structlog.get_logger("sidecar.app")
 
@@ -37,7 +37,6 @@ METRICS = web.AppKey("metrics", Metrics)
 INGEST_ERROR: web.AppKey[dict[str, Any]] = web.AppKey("ingest_error", dict)
 
 OPEN_PATHS = frozenset({"/healthz", "/metrics"})
-MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z
 RETRY_AFTER_S = "5"
 
 
@@ -51,33 +50,6 @@ def iso(epoch: float | int | None) -> str | None:
     if epoch is None:
         return None
     return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
-
-
-def parse_when(name: str, value: str) -> int:
-    """A query parameter given as epoch seconds or RFC 3339 (a missing offset means UTC)."""
-    bad = web.HTTPBadRequest(text=f'{{"error": "{name}: must be epoch seconds or RFC 3339 between 1970 and 9999"}}',
-                             content_type="application/json")
-    try:
-        number = float(value)
-    except ValueError:
-        pass
-    else:
-        if not math.isfinite(number) or not 0 <= number <= MAX_EPOCH:
-            raise bad
-        return int(number)
-    try:
-        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise web.HTTPBadRequest(
-            text=f'{{"error": "{name}: must be epoch seconds or RFC 3339"}}',
-            content_type="application/json",
-        ) from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    epoch = dt.timestamp()
-    if not 0 <= epoch <= MAX_EPOCH:
-        raise bad
-    return int(epoch)
 
 
 @web.middleware
@@ -224,7 +196,7 @@ async def put_customer(request: web.Request) -> web.Response:
 def present_row(row: dict[str, Any]) -> dict[str, Any]:
     """A bucket row as /usage shows it: times as RFC 3339, raw amounts beside whole units."""
     out = dict(row)
-    for key in ("hour", "first_event_at", "sealed_at", "record_timestamp", "sent_at"):
+    for key in ("hour", "first_event_at", "sealed_at", "record_timestamp", "sent_at", "parked_at", "released_at"):
         if key in out:
             out[key] = iso(out[key])
     out["unit_raw"] = out.pop("unit")
@@ -234,13 +206,16 @@ def present_row(row: dict[str, Any]) -> dict[str, Any]:
 async def get_usage(request: web.Request) -> web.Response:
     """GET /usage: bucket rows and per-customer totals, filterable."""
     q = request.query
-    filt = UsageFilter(
-        customer=q.get("customer"),
-        dimension=q.get("dimension"),
-        state=q.get("state"),
-        since=parse_when("from", q["from"]) if "from" in q else None,
-        until=parse_when("to", q["to"]) if "to" in q else None,
-    )
+    try:
+        filt = UsageFilter(
+            customer=q.get("customer"),
+            dimension=q.get("dimension"),
+            state=q.get("state"),
+            since=parse_when("from", q["from"]) if "from" in q else None,
+            until=parse_when("to", q["to"]) if "to" in q else None,
+        )
+    except ValueError as exc:
+        return error(400, str(exc))
     path = request.app[STORE].path
     now = request.app[CLOCK].now()
     wants_html = "text/html" in request.headers.get("Accept", "") and request.query.get("format") != "json"
@@ -250,6 +225,7 @@ async def get_usage(request: web.Request) -> web.Response:
             data: dict[str, Any] = {
                 "rows": [present_row(r) for r in store_mod.usage_rows(conn, filt)],
                 "totals": store_mod.usage_totals(conn, filt),
+                "parked": [present_row(r) for r in store_mod.queries.parked_rows(conn, filt)],
             }
             if wants_html:
                 data["health"] = store_mod.health(conn, now)
@@ -282,7 +258,9 @@ async def get_healthz(request: web.Request) -> web.Response:
     ingest_error = request.app[INGEST_ERROR].copy()
     # A full disk is reported, not answered with 503: ECS would replace the task, and the
     # unsent usage in this task's database would go with it.
-    status = "unavailable" if not writable else "degraded" if ingest_error else "ok"
+    # Degraded (still 200): something an operator must act on before AWS's window closes.
+    attention = ingest_error or facts["held_records"] or facts["unconfigured"] or facts["unmapped"]
+    status = "unavailable" if not writable else "degraded" if attention else "ok"
     body = {"status": status, "db_writable": writable, "draining": request.app[DRAINING].is_set(),
             "ingest_error": ingest_error or None, **facts}
     if problem:
@@ -307,19 +285,22 @@ async def get_metrics(request: web.Request) -> web.Response:
 
 
 async def maintenance_loop(app: web.Application, stop: asyncio.Event) -> None:
-    """Seal, freeze and flush every SIDECAR_FLUSH_INTERVAL_S until told to stop (between passes)."""
+    """Seal, freeze and flush every SIDECAR_FLUSH_INTERVAL_S until told to stop (between passes),
+    sooner when the sender's probe or a record's retry is due before then."""
     flusher = app[FLUSHER]
     interval = app[SETTINGS].flush_interval_s
     while not stop.is_set():
+        wait = interval
         try:
-            await flusher.flush_once()
+            summary = await flusher.flush_once()
+            wait = flusher.next_pass_delay_s(summary)
             app[METRICS].pruned.inc(await app[STORE].prune())
         except (StoreUnavailable, StoreClosed) as exc:
             log.warning("flush_failed", error=str(exc))
         except Exception:
             log.exception("flush_crashed")
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=interval)
+            await asyncio.wait_for(stop.wait(), timeout=wait)
 
 
 async def shutdown_flush(app: web.Application, deadline_s: float) -> None:
@@ -327,13 +308,22 @@ async def shutdown_flush(app: web.Application, deadline_s: float) -> None:
     store, flusher = app[STORE], app[FLUSHER]
     now = app[CLOCK].now()
     try:
-        await store.seal_through(hour_start(now) + HOUR_S)
+        await store.seal_through(hour_start(now) + HOUR_S, final=True)
         summary = await asyncio.wait_for(flusher.drain(deadline_s=deadline_s), timeout=deadline_s)
         log.info("shutdown_flush_done", **summary.as_dict())
     except TimeoutError:
         log.warning("shutdown_flush_deadline", deadline_s=deadline_s, note="unsent records stay pending")
     except (StoreUnavailable, StoreClosed) as exc:
         log.warning("shutdown_flush_failed", error=str(exc))
+
+    def query() -> dict[str, Any]:
+        with store_mod.reader(store.path) as conn:
+            return store_mod.queries.left_behind(conn, app[CLOCK].now())
+
+    left = await asyncio.to_thread(query)
+    if left:  # the task's storage usually goes with it: say what it takes along
+        log.error("usage_left_behind", **left,
+                  note="unsent unless this database file is kept and flushed (`sidecar flush --once --final`)")
 
 
 def create_app(settings: Settings, *, clock: Clock | None = None, api: MeteringApi | None = None,

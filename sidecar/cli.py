@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import urllib.error
@@ -12,24 +13,31 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sidecar import logs
 from sidecar import store as store_mod
-from sidecar.app import parse_when, present_row
-from sidecar.clock import SystemClock
-from sidecar.config import Settings, load_settings, validate_for_serving
-from sidecar.errors import ConfigError, DatabaseCorrupt
+from sidecar.app import present_row
+from sidecar.clock import HOUR_S, SystemClock, hour_start
+from sidecar.config import DIMENSION_NAME, Settings, load_settings, validate_for_serving
+from sidecar.errors import BadArgument, ConfigError, DatabaseCorrupt
 from sidecar.events import NDJSON_TYPES, check_items, parse_body
 from sidecar.flush import Flusher, MeteringApi
 from sidecar.store import Store, records
+from sidecar.when import WHEN_RULE, parse_when
 
 
 def _settings(args: argparse.Namespace, env: Mapping[str, str], **kw: Any) -> Settings:
     merged = dict(env)
-    if getattr(args, "db", None):
-        merged["SIDECAR_DB"] = args.db
-    return load_settings(merged, **kw)
+    given = getattr(args, "db", None)
+    if given is not None:
+        merged["SIDECAR_DB"] = given
+    settings = load_settings(merged, **kw)
+    if settings.db_path.is_dir():
+        where = "--db" if given is not None else "SIDECAR_DB"
+        problem = f"{where}: {settings.db_path} is a directory; give the path of the database file"
+        raise BadArgument(problem) if given is not None else ConfigError(problem)
+    return settings
 
 
 def metering_client(settings: Settings, env: Mapping[str, str]) -> MeteringApi | None:
@@ -71,13 +79,19 @@ def cmd_flush(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.dry_run:
         settings = replace(settings, dry_run=True)
     logs.configure(level=settings.log_level, fmt=settings.log_format)
-    store = Store.open(settings.db_path, settings=settings, clock=SystemClock())
+    clock = SystemClock()
+    store = Store.open(settings.db_path, settings=settings, clock=clock)
     try:
-        flusher = Flusher(store, metering_client(settings, env), settings, SystemClock())
+        if args.final:  # finish a dead task's file: seal its open hour as SIGTERM would have
+            asyncio.run(store.seal_through(hour_start(clock.now()) + HOUR_S, final=True))
+        flusher = Flusher(store, metering_client(settings, env), settings, clock)
         summary = asyncio.run(flusher.drain(deadline_s=args.timeout))
     finally:
         store.close()
-    print(json.dumps(summary.as_dict(), sort_keys=True))
+    out = summary.as_dict()
+    with store_mod.reader(settings.db_path) as conn:
+        out["open_buckets"] = store_mod.queries.open_bucket_count(conn)
+    print(json.dumps(out, sort_keys=True))
     return 1 if summary.failed and not settings.dry_run else 0
 
 
@@ -86,20 +100,54 @@ def cmd_replay(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = _settings(args, env)
     logs.configure(level=settings.log_level, fmt=settings.log_format)
     if not args.state and not args.spool:
-        print("replay: give --state and/or --spool", file=sys.stderr)
-        return 2
+        raise BadArgument("give --state and/or --spool")
     clock = SystemClock()
     store = Store.open(settings.db_path, settings=settings, clock=clock, resume=False)
     out: dict[str, Any] = {}
     try:
         if args.state:
-            out["records"] = store.replay_sync(states=args.state, customer=args.customer)
+            try:
+                out["records"] = store.replay_sync(states=args.state, customer=args.customer,
+                                                   rename=dict(args.dimension or []))
+            except ValueError as exc:
+                raise BadArgument(str(exc)) from None
         if args.spool:
             out["spool"] = import_spool(store, Path(args.spool), settings)
     finally:
         store.close()
     print(json.dumps(out, sort_keys=True))
     return 1 if out.get("spool", {}).get("rejected") else 0
+
+
+def cmd_release(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """An operator's decision: send (or discard) held records, or move parked usage into a dimension."""
+    settings = _settings(args, env)
+    logs.configure(level=settings.log_level, fmt=settings.log_format)
+    pairs: list[str] = args.dimension or []
+    if args.state == "unconfigured":
+        if not pairs or any("=" not in p for p in pairs):
+            raise BadArgument("--dimension: with --state unconfigured give OLD=NEW (repeatable): the parked "
+                              "dimension and the configured one to bill it as")
+        if args.record is not None or args.discard:
+            raise BadArgument("--record/--discard: only with --state held")
+    elif any("=" in p for p in pairs) or len(pairs) > 1:
+        raise BadArgument("--dimension: with --state held give one dimension NAME to filter on")
+    store = Store.open(settings.db_path, settings=settings, clock=SystemClock(), resume=False)
+    try:
+        if args.state == "held":
+            n = store.release_held_sync(customer=args.customer, dimension=pairs[0] if pairs else None,
+                                        record_id=args.record, discard=args.discard)
+            out = {"discarded" if args.discard else "released": n}
+        else:
+            try:
+                n = store.release_parked_sync(rename=dict(rename_pair(p) for p in pairs), customer=args.customer)
+            except ValueError as exc:
+                raise BadArgument(str(exc)) from None
+            out = {"released": n}
+    finally:
+        store.close()
+    print(json.dumps(out, sort_keys=True))
+    return 0
 
 
 def import_spool(store: Store, path: Path, settings: Settings) -> dict[str, int]:
@@ -148,11 +196,8 @@ USAGE_COLUMNS = ("hour", "customer", "dimension", "state", "events", "raw", "car
 def cmd_usage(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """Print usage straight from the database file (works while the daemon is down)."""
     settings = _settings(args, env)
-    filt = store_mod.UsageFilter(
-        customer=args.customer, dimension=args.dimension, state=args.state,
-        since=parse_when("from", args.since) if args.since else None,
-        until=parse_when("to", args.until) if args.until else None,
-    )
+    filt = store_mod.UsageFilter(customer=args.customer, dimension=args.dimension, state=args.state,
+                                 since=args.since, until=args.until)
     with store_mod.reader(settings.db_path) as conn:
         rows = [present_row(r) for r in store_mod.usage_rows(conn, filt, limit=args.limit)]
         totals = store_mod.usage_totals(conn, filt)
@@ -194,9 +239,86 @@ def cmd_check(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr, `sidecar <subcommand>: <message>`, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {' '.join(message.splitlines())}\n")
+
+
+# Types for argparse: each returns the value or raises ArgumentTypeError with the rule, which
+# argparse prefixes with the option's name ("argument --limit: must be ...").
+MAX_TIMEOUT_S = 86400.0
+SQLITE_MAX_INT = 2**63 - 1
+
+
+def non_empty(text: str) -> str:
+    """Any text with something other than whitespace in it."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def customer_filter(text: str) -> str:
+    """A customer filter (matched exactly by store.queries.customer_clause)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "must not be empty; give a customer key (identifier:ID, account:ACCOUNT/LICENSE_ARN, tenant:NAME),"
+            " a 12-digit AWS account id or a customer identifier")
+    return text
+
+
+def timeout_seconds(text: str) -> float:
+    """A number of seconds > 0 (and at most a day: sockets refuse absurd timeouts)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0 and <= {MAX_TIMEOUT_S:g}, got {text!r}")
+    return value
+
+
+def row_limit(text: str) -> int:
+    """A whole number >= 1 (values beyond SQLite's integers mean "no limit")."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return min(value, SQLITE_MAX_INT)
+
+
+def time_value(text: str) -> int:
+    """A time, as epoch seconds or RFC 3339 (see sidecar.when)."""
+    try:
+        return parse_when("time", text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{WHEN_RULE}, got {text!r}") from None
+
+
+def rename_pair(text: str) -> tuple[str, str]:
+    """OLD=NEW: two dimension names."""
+    old, sep, new = text.partition("=")
+    if not sep or not DIMENSION_NAME.match(old) or not DIMENSION_NAME.match(new):
+        raise argparse.ArgumentTypeError(f"must be OLD=NEW, two dimension names (got {text!r})")
+    return old, new
+
+
+def readable_file(text: str) -> str:
+    """The path of a file this process can open for reading."""
+    try:
+        with open(text, "rb"):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}: {exc.strerror or exc}") from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand; test_docs checks each is in the README."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="sidecar", description="Metering sidecar for vLLM on AWS Marketplace."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -204,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, fn: Any, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(fn=fn)
-        p.add_argument("--db", help="database file (default: SIDECAR_DB or ./sidecar.db)")
+        p.add_argument("--db", type=non_empty, help="database file (default: SIDECAR_DB or ./sidecar.db)")
         return p
 
     p = add("serve", cmd_serve, "Run the sidecar daemon (HTTP API, sealing and flushing).")
@@ -212,39 +334,83 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("flush", cmd_flush, "Seal, freeze and send everything due now, then exit.")
     p.add_argument("--once", action="store_true", required=True, help="one drain, then exit (required)")
     p.add_argument("--dry-run", action="store_true", help="log the exact requests, send and mark nothing")
-    p.add_argument("--timeout", type=float, default=60.0, help="give up waiting for retries after this many seconds")
+    p.add_argument("--timeout", type=timeout_seconds, default=60.0,
+                   help="give up waiting for retries after this many seconds")
+    p.add_argument("--final", action="store_true",
+                   help="also seal the open hour and settle remainders, as SIGTERM does (a dead task's file)")
     p = add("replay", cmd_replay, "Re-drive rejected/conflict/expired records, or import an NDJSON spool file.")
     p.add_argument("--state", action="append", choices=records.REPLAYABLE,
                    help="re-drive records in this state (repeatable)")
-    p.add_argument("--customer", help="only this customer (key or part of it)")
-    p.add_argument("--spool", help="NDJSON file of usage events to import (e.g. the vLLM reporter's spool)")
+    p.add_argument("--customer", type=customer_filter,
+                   help="only this customer: its key, a 12-digit AWS account id or a customer identifier (exact)")
+    p.add_argument("--spool", type=readable_file,
+                   help="NDJSON file of usage events to import (e.g. the vLLM reporter's spool)")
+    p.add_argument("--dimension", action="append", type=rename_pair, metavar="OLD=NEW",
+                   help="rebuild or carry records of dimension OLD as the configured NEW (repeatable)")
+    p = add("release", cmd_release, "Send (or discard) records a guardrail held, or bill parked usage.")
+    p.add_argument("--state", required=True, choices=("held", "unconfigured"),
+                   help="held: records over a guardrail; unconfigured: usage parked for want of a dimension")
+    p.add_argument("--customer", type=customer_filter,
+                   help="only this customer: its key, a 12-digit AWS account id or a customer identifier (exact)")
+    p.add_argument("--dimension", action="append", type=non_empty,
+                   help="held: only this dimension; unconfigured: OLD=NEW (repeatable)")
+    p.add_argument("--record", type=int, help="held: only this record id (as /usage shows it)")
+    p.add_argument("--discard", action="store_true",
+                   help="held: do not send; end the records as expired (visible, never billed)")
     add("migrate", cmd_migrate, "Apply pending schema migrations to the database.")
     p = add("usage", cmd_usage, "Show usage buckets read straight from the database file.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--customer", help="only this customer (key or part of it)")
+    p.add_argument("--customer", type=customer_filter,
+                   help="only this customer: its key, a 12-digit AWS account id or a customer identifier (exact)")
     p.add_argument("--dimension", help="only this dimension")
     p.add_argument("--state", help="only buckets in this state")
-    p.add_argument("--from", dest="since", help="hours from this time (RFC 3339 or epoch seconds)")
-    p.add_argument("--to", dest="until", help="hours before this time (RFC 3339 or epoch seconds)")
-    p.add_argument("--limit", type=int, default=5000, help="at most this many rows (default 5000)")
+    p.add_argument("--from", dest="since", type=time_value, help="hours from this time (RFC 3339 or epoch seconds)")
+    p.add_argument("--to", dest="until", type=time_value, help="hours before this time (RFC 3339 or epoch seconds)")
+    p.add_argument("--limit", type=row_limit, default=5000, help="at most this many rows (default 5000)")
     p = add("check", cmd_check, "Exit 0 if the running daemon is healthy (container health check).")
-    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for /healthz")
+    p.add_argument("--timeout", type=timeout_seconds, default=3.0, help="seconds to wait for /healthz")
 
     from sidecar import simulator
 
     p = sub.add_parser("simulate-marketplace", help="Run a local AWS Marketplace Metering simulator.",
                        description="Run a local AWS Marketplace Metering simulator.")
     simulator.add_arguments(p)
-    p.set_defaults(fn=lambda a, _env: simulator.run(a))
+    p.set_defaults(fn=cmd_simulate_marketplace)
     return parser
+
+
+def cmd_simulate_marketplace(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Run the local Marketplace simulator; the seconds its own parser takes as any float are checked here."""
+    from sidecar import simulator
+
+    if not (math.isfinite(args.window_s) and args.window_s > 0):
+        raise BadArgument(f"--window-s: must be a number of seconds > 0, got {args.window_s!r}")
+    if not (math.isfinite(args.latency_s) and args.latency_s >= 0):
+        raise BadArgument(f"--latency-s: must be a number of seconds >= 0, got {args.latency_s!r}")
+    return simulator.run(args)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The parsed command line; a bad one ends in one line on stderr and SystemExit(2)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse itself would blame "sidecar", not the subcommand they were given to
+        parser.exit(2, f"{parser.prog} {args.command}: unrecognized arguments: {' '.join(extra)}\n")
+    return args
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     """Entry point of the `sidecar` console script."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:  # argparse has printed its one line (or the help)
+        return exc.code if isinstance(exc.code, int) else 2
     environ = os.environ if env is None else env
     try:
         return int(args.fn(args, environ))
+    except BadArgument as exc:
+        print(f"sidecar {args.command}: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

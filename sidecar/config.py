@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import tomllib
 from collections.abc import Mapping
@@ -28,21 +29,63 @@ DIMENSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}\Z", re.ASCII)
 ACCOUNT_ID = re.compile(r"[0-9]{12}\Z", re.ASCII)
 # arn:aws:license-manager::<12-digit account>:license:l-<32 hex>, in any AWS partition.
 LICENSE_ARN = re.compile(r"arn:aws(-[a-z]+)*:license-manager::[0-9]{12}:license[:/]l-[0-9a-f]{32}\Z", re.ASCII)
+MAX_QUANTITY = 2_147_483_647  # AWS's Quantity ceiling for one record
 CUSTOMER_IDENTIFIER = re.compile(r"[!-~]{1,255}\Z", re.ASCII)  # printable ASCII, no whitespace
+
+
+# Guardrail defaults per source, in raw units per hour for one record: the ceiling a record may not
+# pass, and the floor below which the spike rule does not fire. One vLLM task does at most a few
+# hundred million tokens and a few hundred thousand requests an hour; a handful of GPUs.
+DEFAULT_CEILING_RAW: Mapping[str, int] = {
+    "count": 1_000_000,
+    "prompt_tokens": 2_000_000_000,
+    "completion_tokens": 2_000_000_000,
+    "total_tokens": 2_000_000_000,
+    "cached_tokens": 2_000_000_000,
+    "gpu_seconds": 100 * 3600 * 1_000_000,  # 100 GPU-hours in an hour
+}
+DEFAULT_SPIKE_FLOOR_RAW: Mapping[str, int] = {
+    "count": 1_000,
+    "prompt_tokens": 1_000_000,
+    "completion_tokens": 1_000_000,
+    "total_tokens": 1_000_000,
+    "cached_tokens": 1_000_000,
+    "gpu_seconds": 3600 * 1_000_000,  # one GPU-hour
+}
+
+
+def _units_ceil(raw: int, raw_unit: int) -> int:
+    return max(1, -(-raw // raw_unit))
 
 
 @dataclass(frozen=True, kw_only=True)
 class Dimension:
-    """A billing dimension: its Marketplace name, which event field feeds it, and its unit."""
+    """A billing dimension: its Marketplace name, which event field feeds it, its unit, its guardrails."""
 
     name: str
     source: str
     unit: int  # how many source units (tokens, requests, seconds) make one billed unit
+    max_quantity: int | None = None  # ceiling of one record (billed units); None: the source's default
+    spike_floor: int | None = None  # the spike rule ignores quantities up to this; None: the source's default
 
     @property
     def raw_unit(self) -> int:
         """One billed unit expressed in stored raw units (GPU seconds are stored as microseconds)."""
         return self.unit * SOURCE_SCALE[self.source]
+
+    @property
+    def ceiling(self) -> int:
+        """The largest quantity one record may carry before it is held for an operator."""
+        if self.max_quantity is not None:
+            return self.max_quantity
+        return _units_ceil(DEFAULT_CEILING_RAW[self.source], self.raw_unit)
+
+    @property
+    def floor(self) -> int:
+        """Quantities up to this never trip the spike rule."""
+        if self.spike_floor is not None:
+            return self.spike_floor
+        return _units_ceil(DEFAULT_SPIKE_FLOOR_RAW[self.source], self.raw_unit)
 
 
 DEFAULT_DIMENSIONS = (
@@ -119,10 +162,13 @@ class Settings:
     window_s: int = 24 * 3600
     window_margin_s: int = 1800
     expired_policy: Literal["carry", "expire"] = "carry"
-    max_backoff_s: float = 300.0
+    max_backoff_s: float = 20.0
     shutdown_deadline_s: float = 25.0
     heartbeats: bool = False
     heartbeat_hours: int = 24
+    spike_factor: float = 10.0
+    settle_remainders: Literal["half_up", "up", "down", "keep"] = "half_up"
+    birth_hour: Literal["defer", "report"] = "defer"
     dry_run: bool = False
     log_level: str = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -160,6 +206,10 @@ ENV_SETTINGS: Mapping[str, str] = {
     "SIDECAR_SHUTDOWN_DEADLINE_S": "shutdown_deadline_s",
     "SIDECAR_HEARTBEATS": "heartbeats",
     "SIDECAR_HEARTBEAT_HOURS": "heartbeat_hours",
+    "SIDECAR_SPIKE_FACTOR": "spike_factor",
+    "SIDECAR_SETTLE_REMAINDERS": "settle_remainders",
+    "SIDECAR_BIRTH_HOUR": "birth_hour",
+    "SIDECAR_CUSTOMERS": "customers_json",
     "SIDECAR_DRY_RUN": "dry_run",
     "SIDECAR_LOG_LEVEL": "log_level",
     "SIDECAR_LOG_FORMAT": "log_format",
@@ -182,6 +232,7 @@ _KINDS: Mapping[str, type] = {
     "shutdown_deadline_s": float,
     "heartbeats": bool,
     "heartbeat_hours": int,
+    "spike_factor": float,
     "dry_run": bool,
 }
 
@@ -190,12 +241,14 @@ _CHOICES: Mapping[str, tuple[str, ...]] = {
     "expired_policy": ("carry", "expire"),
     "log_format": ("auto", "json", "console"),
     "log_level": ("debug", "info", "warning", "error"),
+    "settle_remainders": ("half_up", "up", "down", "keep"),
+    "birth_hour": ("defer", "report"),
 }
 
 _POSITIVE = ("max_body_bytes", "max_queued_events", "max_event_age_s", "retention_s", "flush_interval_s",
              "calls_per_s", "window_s", "connect_timeout_s", "read_timeout_s", "max_backoff_s",
              "shutdown_deadline_s", "heartbeat_hours")
-_NON_NEGATIVE = ("hour_grace_s", "window_margin_s")
+_NON_NEGATIVE = ("hour_grace_s", "window_margin_s", "spike_factor")
 
 
 def load_settings(env: Mapping[str, str], *, require_region: bool = False) -> Settings:
@@ -241,8 +294,12 @@ def load_settings(env: Mapping[str, str], *, require_region: bool = False) -> Se
         )
     if dimensions_raw is not None:
         values["dimensions"] = _parse_dimensions(dimensions_raw)
-    if customers_raw is not None:
-        values["customers"] = _parse_customers(customers_raw)
+    customers = _parse_customers(customers_raw, where="customers") if customers_raw is not None else {}
+    from_env = values.pop("customers_json", None)
+    if from_env:
+        customers = {**customers, **from_env}  # the environment wins, per tenant
+    if customers_raw is not None or from_env:
+        values["customers"] = customers
     return Settings(**values)
 
 
@@ -262,6 +319,15 @@ def _convert(key: str, where: str, value: Any) -> dict[str, Any]:
         return {"token": token or None}
     if key == "product_code":
         return {"product_code": str(value) or None}
+    if key == "customers_json":
+        text = str(value).strip()
+        if not text:
+            return {}
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: not valid JSON ({exc})") from None
+        return {"customers_json": _parse_customers(doc, where=where)}
     if key in _KINDS:
         value = _typed(_KINDS[key], where, value)
         if key in _POSITIVE and not value > 0:
@@ -334,9 +400,16 @@ def _parse_dimensions(value: Any) -> tuple[Dimension, ...]:
         where = f"dimensions[{i}]"
         if not isinstance(item, Mapping):
             raise ConfigError(f"{where}: must be a table")
-        extra = set(item) - {"name", "source", "unit"}
+        extra = set(item) - {"name", "source", "unit", "max_quantity", "spike_floor"}
         if extra:
             raise ConfigError(f"{where}: unknown key(s) {sorted(extra)}")
+        limits: dict[str, int] = {}
+        for key in ("max_quantity", "spike_floor"):
+            if key in item:
+                v = item[key]
+                if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_QUANTITY:
+                    raise ConfigError(f"{where}.{key}: must be a whole number from 0 to {MAX_QUANTITY}")
+                limits[key] = v
         name, source, unit = item.get("name"), item.get("source"), item.get("unit", 1)
         if not isinstance(name, str) or not DIMENSION_NAME.match(name):
             raise ConfigError(f"{where}.name: must be 1-100 letters, digits, '-', '_' or '.'")
@@ -346,17 +419,19 @@ def _parse_dimensions(value: Any) -> tuple[Dimension, ...]:
             raise ConfigError(f"{where}.unit: must be a whole number >= 1")
         if any(d.name == name for d in dims):
             raise ConfigError(f"{where}.name: {name!r} is configured twice")
-        dims.append(Dimension(name=name, source=str(source), unit=unit))
+        dims.append(Dimension(name=name, source=str(source), unit=unit, **limits))
     return tuple(dims)
 
 
-def _parse_customers(value: Any) -> dict[str, CustomerRef]:
+def _parse_customers(value: Any, *, where: str) -> dict[str, CustomerRef]:
     if not isinstance(value, Mapping):
-        raise ConfigError("[customers]: must be a table of tenant = { ... }")
+        raise ConfigError(f"{where}: must map tenant names to {{...}} customer objects")
     result: dict[str, CustomerRef] = {}
     for tenant, ref in value.items():
+        if not isinstance(tenant, str) or not 1 <= len(tenant) <= 256 or re.search(r"[\x00-\x1f\x7f]", tenant):
+            raise ConfigError(f"{where}: tenant {tenant!r} must be 1-256 characters without control characters")
         try:
-            result[tenant] = CustomerRef.parse(ref, where=f"customers.{tenant}")
+            result[tenant] = CustomerRef.parse(ref, where=f"{where}.{tenant}")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     return result

@@ -65,6 +65,9 @@ def main() -> int:
         "SIDECAR_PRODUCT_CODE": PRODUCT, "SIDECAR_LOG_FORMAT": "json", "SIDECAR_LOG_LEVEL": "warning",
         "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "AKIDDEMO", "AWS_SECRET_ACCESS_KEY": "demo-secret",
         "AWS_ENDPOINT_URL_MARKETPLACE_METERING": sim_url,
+        # The demo's simulator is as new as its database: no earlier sidecar can have reported this
+        # hour, so the demo bills it at once instead of deferring it to the next hour.
+        "SIDECAR_BIRTH_HOUR": "report",
     })
     sidecar = [sys.executable, "-m", "sidecar"]
     log = (work / "demo.log").open("ab")

@@ -46,3 +46,7 @@ class UnknownTenant(SidecarError):
 
 class DatabaseCorrupt(SidecarError):
     """Raised at start when the database fails SQLite's integrity check; it is never replaced silently."""
+
+
+class BadArgument(SidecarError):
+    """Raised when a command-line option has a bad value; the message names the option."""

@@ -4,6 +4,10 @@ One serial submitter (as AWS's own reference pipeline does) paced to the configu
 Per-record outcomes and request-level errors follow DESIGN.md: identical resends only, bisection
 for batches refused for their content, window expiry by policy, and `unknown` (never carried)
 for any record whose send may have reached AWS without an answer.
+
+A request-level failure (throttling, 5xx, timeout, connection trouble) says nothing about the
+records in the call, only about AWS: the whole sender backs off once, then probes with a single
+call; the first answer makes every waiting record due at once, so a backlog leaves in full batches.
 """
 
 from __future__ import annotations
@@ -136,6 +140,11 @@ class Flusher:
         self.pacer = pacer or Pacer(settings.calls_per_s)
         self.calls_by_outcome: Counter[str] = Counter()
         self.records_by_outcome: Counter[str] = Counter()
+        # Sender-wide pause after request-level failures: clock seconds until the next probe call
+        # (None: not paused), and how many calls in a row have failed at the request level.
+        self.paused_until: float | None = None
+        self.consecutive_failures = 0
+        self._pause_error = ""
         self._lock = asyncio.Lock()
         self._unsettled: dict[int, bool] = {}  # record id -> maybe received, for answers not stored
 
@@ -144,7 +153,7 @@ class Flusher:
         s = self.settings
         await self.store.seal_due()
         now = self.clock.now()
-        frozen = await self.store.run(lambda c: rec.freeze(c, now=now, product_code=s.product_code))
+        frozen = await self.store.run(lambda c: self.store.freeze(c, now=now))
         closed = await self.store.run(lambda c: rec.close_windows(
             c, now=now, window_s=s.window_s, margin_s=s.window_margin_s, policy=s.expired_policy,
             watermark=self.store.watermark(now), apply_deltas=self.store.apply_deltas))
@@ -155,7 +164,11 @@ class Flusher:
         return frozen
 
     async def flush_once(self) -> FlushSummary:
-        """One pass: prepare, then send every due record (records backing off wait for the next pass)."""
+        """One pass: prepare, then send every due record (records backing off wait for the next pass).
+
+        While the sender is paused nothing is sent; the first pass after the pause sends one call
+        (the probe) and, if AWS answers it, goes on in full batches.
+        """
         async with self._lock:
             await self._release_unsettled()
             summary = FlushSummary()
@@ -163,7 +176,7 @@ class Flusher:
             if self.settings.dry_run or self.api is None:
                 await self._dry_run(summary)
             else:
-                while True:
+                while not self.paused():
                     now = self.clock.now()
                     batch = await self.store.run(functools.partial(rec.claim, now=now, limit=MAX_RECORDS_PER_CALL))
                     if not batch:
@@ -175,8 +188,31 @@ class Flusher:
                 log.info("flush_done", **summary.as_dict())
             return summary
 
+    def paused(self) -> bool:
+        """Whether the sender is backing off after a request-level failure."""
+        return self.paused_until is not None and self.clock.now() < self.paused_until
+
+    def next_pass_at(self, summary: FlushSummary) -> float | None:
+        """When (clock seconds) a pass next has something to send: the end of the sender's pause,
+        else the earliest retry among pending records; None when nothing is owed or nothing is sent."""
+        if self.settings.dry_run or self.api is None or not summary.pending:
+            return None
+        if self.paused():
+            return self.paused_until
+        return summary.next_attempt_at
+
+    def next_pass_delay_s(self, summary: FlushSummary) -> float:
+        """How long the maintenance loop waits after a pass: the flush interval at most, less when a
+        probe or a retry is due sooner (never under 0.5 s, so a stuck record cannot spin the loop)."""
+        interval = self.settings.flush_interval_s
+        due = self.next_pass_at(summary)
+        if due is None:
+            return interval
+        return min(interval, max(0.5, due - self.clock.now()))
+
     async def drain(self, *, deadline_s: float) -> FlushSummary:
-        """Flush repeatedly until nothing is pending or the deadline passes (sleeping out backoffs)."""
+        """Flush repeatedly until nothing is pending or the deadline passes (sleeping out backoffs
+        and the sender's pause)."""
         end = time.monotonic() + deadline_s
         total = FlushSummary()
         while True:
@@ -187,7 +223,7 @@ class Flusher:
             total.pending = s.pending
             if not s.pending or self.settings.dry_run or self.api is None:
                 return total
-            wait = max(0.0, (s.next_attempt_at or 0) - self.clock.now())
+            wait = max(0.0, (self.next_pass_at(s) or 0) - self.clock.now())
             if time.monotonic() + wait >= end:
                 return total
             await asyncio.sleep(max(wait, 0.05))
@@ -217,6 +253,13 @@ class Flusher:
         # AWS refused the call.
         maybe = True
         try:
+            resume_at = self.paused_until
+            if resume_at is not None and self.clock.now() < resume_at:
+                # An earlier call of this pass failed at the request level (a bisected half, or the
+                # rest of a split): hold these records for the probe instead of calling.
+                maybe = False
+                await self._retry(batch, self._pause_error, False, summary, at=resume_at)
+                return
             result = await self._call(batch)
             maybe = result.maybe_received or result.kind == "answered"
             summary.calls += 1
@@ -242,10 +285,14 @@ class Flusher:
     async def _settle(self, batch: list[rec.DueRecord], result: CallResult, summary: FlushSummary) -> None:
         """Act on one call's result: record outcomes, retry, close windows, or bisect."""
         now = self.clock.now()
+        if result.kind == "retry":
+            await self._pause(batch, result, summary)
+            return
+        # AWS answered (per-record results, or a refusal of the batch's content): it is reachable.
+        self.consecutive_failures = 0
+        self.paused_until = None
         if result.kind == "answered":
             await self._apply_answer(batch, result, now, summary)
-        elif result.kind == "retry":
-            await self._retry(batch, result.error or "retry", result.maybe_received, summary)
         elif result.kind == "timestamp":
             outside = [r for r in batch if not rec.aws_accepts(r.timestamp, now=now, window_s=self.settings.window_s)]
             if outside:
@@ -261,7 +308,8 @@ class Flusher:
         elif len(batch) > 1:  # invalid: find the records AWS objects to, send the rest
             await self._bisect(batch, summary)
         else:
-            await self._terminal(batch[0], "rejected", None, result.error or "invalid", summary)
+            code = result.error.split(":")[0] if result.error else None
+            await self._terminal(batch[0], "rejected", code, result.error or "invalid", summary)
 
     async def _bisect(self, batch: list[rec.DueRecord], summary: FlushSummary) -> None:
         mid = len(batch) // 2
@@ -319,10 +367,25 @@ class Flusher:
     def _backoff(self, r: rec.DueRecord) -> float:
         return backoff_s(r.attempts, cap_s=self.settings.max_backoff_s, rng=self.rng)
 
+    async def _pause(self, batch: list[rec.DueRecord], result: CallResult, summary: FlushSummary) -> None:
+        """A request-level failure: back the whole sender off once (exponential, full jitter) and
+        hold the batch, unchanged, for the probe that ends the pause."""
+        failures = self.consecutive_failures + 1
+        resume_at = self.clock.now() + backoff_s(failures, cap_s=self.settings.max_backoff_s, rng=self.rng)
+        error = result.error or "retry"
+        await self._retry(batch, error, result.maybe_received, summary, at=resume_at)
+        # Set only once the batch's outcome is stored: if storing failed, the next pass resends at once.
+        self.consecutive_failures = failures
+        self.paused_until = resume_at
+        self._pause_error = error
+        log.warning("sender_paused", failures=failures, resume_in_s=round(resume_at - self.clock.now(), 3),
+                    error=error)
+
     async def _retry(self, batch: Sequence[rec.DueRecord], error: str, maybe_received: bool,
-                     summary: FlushSummary) -> None:
+                     summary: FlushSummary, *, at: float | None = None) -> None:
+        """Back to pending: due at `at` (the sender's pause), else after each record's own backoff."""
         now = self.clock.now()
-        next_at = {r.id: now + self._backoff(r) for r in batch}
+        next_at = {r.id: now + self._backoff(r) if at is None else at for r in batch}
         await self.store.run(lambda c: rec.mark_retry(c, [r.id for r in batch], error=error,
                                                       maybe_received=maybe_received, next_attempt_at=next_at))
         summary.outcomes["retry"] += len(batch)

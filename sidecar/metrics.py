@@ -67,17 +67,41 @@ class _StateCollector(Collector):
             "sidecar_oldest_pending_age_seconds",
             "Age of the oldest usage still owed to AWS (sealed or pending); alarm well before 24 h.")
         size = GaugeMetricFamily("sidecar_db_size_bytes", "SQLite database file plus WAL.")
+        unmapped_age = GaugeMetricFamily(
+            "sidecar_unmapped_oldest_age_seconds",
+            "Age of the oldest usage of a tenant with no customer mapping (0 when none); map it before 24 h.")
+        unmapped_raw = GaugeMetricFamily("sidecar_unmapped_usage_raw",
+                                         "Raw usage (source units) waiting for a tenant mapping, by dimension.",
+                                         labels=["dimension"])
+        parked = GaugeMetricFamily("sidecar_unconfigured_usage_raw",
+                                   "Raw usage parked because no configured dimension can bill it, by dimension.",
+                                   labels=["dimension"])
+        settled_raw = GaugeMetricFamily(
+            "sidecar_remainder_settled_raw",
+            "Remainders settled at final seals (raw units): rounded_up = billed beyond usage, given_up = not billed.",
+            labels=["customer", "dimension", "result"])
         if self.db_path.exists():
             with queries.reader(self.db_path) as conn:
                 counts = queries.state_counts(conn)
                 age = queries.oldest_pending_age_s(conn, self.now())
+                unmapped = queries.unmapped_summary(conn, self.now())
+                unconfigured = queries.unconfigured_summary(conn)
+                settled = queries.settlements(conn)
             for state, n in sorted(counts["buckets"].items()):
                 buckets.add_metric([state], n)
             for state, n in sorted(counts["records"].items()):
                 records.add_metric([state], n)
             oldest.add_metric([], age or 0.0)
             size.add_metric([], queries.db_size_bytes(self.db_path))
-        yield from (buckets, records, oldest, size)
+            unmapped_age.add_metric([], (unmapped or {}).get("oldest_age_s", 0))
+            for dim, raw in sorted((unmapped or {}).get("raw_by_dimension", {}).items()):
+                unmapped_raw.add_metric([dim], raw)
+            for dim, raw in sorted((unconfigured or {}).get("raw_by_dimension", {}).items()):
+                parked.add_metric([dim], raw)
+            for s in settled:
+                settled_raw.add_metric([s["customer"], s["dimension"], "rounded_up"], s["rounded_up"])
+                settled_raw.add_metric([s["customer"], s["dimension"], "given_up"], s["given_up"])
+        yield from (buckets, records, oldest, size, unmapped_age, unmapped_raw, parked, settled_raw)
         calls = CounterMetricFamily("sidecar_marketplace_calls", "BatchMeterUsage calls by outcome.",
                                     labels=["outcome"])
         for outcome, n in sorted(self.flusher.calls_by_outcome.items()):

@@ -18,12 +18,13 @@ STATE_COLOURS: dict[str, str] = {
     "expired": "#78716c",
     "unknown": "#7c3aed",
     "carried": "#a16207",
+    "held": "#c026d3",
 }
 OTHER_COLOUR = "#9ca3af"  # a state this page does not know yet still gets drawn
 PENDING_ALARM_S = 4 * 3600  # the README's suggested page: oldest pending older than 4 h
 COLUMNS = ("hour", "customer", "dimension", "state", "events", "raw", "unit_raw", "carried_in",
            "remainder_in", "quantity", "remainder", "first_event_at", "sealed_at", "record_timestamp",
-           "attempts", "aws_status", "metering_record_id", "last_error", "sent_at")
+           "attempts", "aws_status", "metering_record_id", "last_error", "hold_rule", "sent_at")
 PLOT_H, TOP, BOTTOM, SLOT_W, BAR_W = 120, 18, 34, 44, 30
 
 CSS = """
@@ -44,6 +45,8 @@ table{border-collapse:collapse;font-size:12px;width:100%}th,td{padding:4px 8px;t
 th{background:#f1f5f9;position:sticky;top:0}tr:nth-child(even) td{background:#f8fafc}
 td.num{text-align:right;font-variant-numeric:tabular-nums}td.error{white-space:normal;min-width:220px;color:#991b1b}
 td.cut{max-width:240px;overflow:hidden;text-overflow:ellipsis}
+.alert{background:#fef2f2;border:1px solid #fca5a5;color:#991b1b;padding:10px 14px;border-radius:8px;margin:12px 0}
+.alert b{color:#7f1d1d}
 .empty{padding:40px;text-align:center;font-size:16px;background:#fff;border:1px dashed #cbd5e1;border-radius:8px}
 """
 
@@ -167,6 +170,28 @@ def table(rows: list[dict[str, Any]]) -> str:
     return f'<div class="table-box"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
+def alerts(health: dict[str, Any], parked: list[dict[str, Any]]) -> str:
+    """Banners for what an operator must act on before AWS's window closes: unmapped usage first."""
+    out = []
+    unmapped = health.get("unmapped")
+    if unmapped:
+        tenants = ", ".join(escape(str(t)) for t in unmapped["tenants"][:10])
+        more = "" if len(unmapped["tenants"]) <= 10 else f" and {len(unmapped['tenants']) - 10} more"
+        out.append(f'<div class="alert" id="unmapped"><b>Unmapped usage:</b> {unmapped["events"]} events of'
+                   f" tenant(s) {tenants}{more} have no customer mapping; the oldest is"
+                   f" {human_age(unmapped['oldest_age_s'])} old. Map them (PUT /v1/customers/TENANT or"
+                   " SIDECAR_CUSTOMERS) before AWS's window closes; they die with this task's storage.</div>")
+    if health.get("held_records"):
+        out.append(f'<div class="alert" id="held"><b>Held:</b> {health["held_records"]} record(s) tripped a'
+                   " quantity guardrail and are not sent; check them, then `sidecar release --state held`.</div>")
+    if parked:
+        dims = ", ".join(sorted({escape(str(p["dimension"])) for p in parked}))
+        out.append(f'<div class="alert" id="unconfigured"><b>Unconfigured:</b> {len(parked)} parcel(s) of usage'
+                   f" for dimension(s) {dims} that the running configuration does not bill are parked;"
+                   " `sidecar release --state unconfigured --dimension OLD=NEW`.</div>")
+    return "".join(out)
+
+
 def render_usage_page(data: dict[str, Any], *, now: float) -> str:
     """The whole page for `/usage` data plus `health`; `now` (epoch seconds) stamps when it was made."""
     rows: list[dict[str, Any]] = list(data.get("rows") or [])
@@ -192,5 +217,5 @@ def render_usage_page(data: dict[str, Any], *, now: float) -> str:
         f"generated {stamp}</span></h1>"
         f'<div class="facts"><span class="age{alarm}" id="oldest-pending" data-age-s="{escape(str(age))}">'
         f"oldest pending: {human_age(age)}</span>{chips}</div></header>"
-        f"<main>{content}</main></body></html>\n"
+        f"<main>{alerts(data.get('health') or {}, list(data.get('parked') or []))}{content}</main></body></html>\n"
     )

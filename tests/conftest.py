@@ -28,7 +28,7 @@ def clock() -> ManualClock:
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """Default settings on a fresh database file."""
-    return Settings(db_path=tmp_path / "sidecar.db")
+    return Settings(db_path=tmp_path / "sidecar.db", birth_hour="report")
 
 
 @pytest.fixture

@@ -89,6 +89,7 @@ async def make_kit(tmp_path: Path, *, sim_config: SimulatorConfig | None = None,
     """A fresh database, a simulator sharing the manual clock, and a flusher using real botocore."""
     clock = ManualClock(T0)
     settings = replace(Settings(db_path=tmp_path / "sidecar.db", region="us-east-1", product_code=PRODUCT,
+                                birth_hour="report",
                                 read_timeout_s=2.0, connect_timeout_s=2.0), **settings_changes)
     sim = Simulator(sim_config or SimulatorConfig(subscribe_all=True, product_code=PRODUCT, seed=7), clock=clock.now)
     runner, url = await start(sim)
@@ -122,3 +123,26 @@ class RecordingApi:
         if self.hook is not None:
             self.hook(records)
         return self.inner.batch_meter_usage(records, product_code)
+
+
+@dataclass(frozen=True)
+class LoggedCall:
+    """One BatchMeterUsage call as the flusher made it: clock time, size, and how it came out."""
+
+    at: float
+    records: int
+    kind: str
+
+
+class ClockedApi:
+    """Wraps a client; logs every call on the kit's manual clock (the simulator cannot see refused ones)."""
+
+    def __init__(self, inner: MeteringClient, clock: ManualClock) -> None:
+        self.inner = inner
+        self.clock = clock
+        self.calls: list[LoggedCall] = []
+
+    def batch_meter_usage(self, records: Sequence[Mapping[str, Any]], product_code: str | None) -> CallResult:
+        result = self.inner.batch_meter_usage(records, product_code)
+        self.calls.append(LoggedCall(self.clock.now(), len(records), result.kind))
+        return result

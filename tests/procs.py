@@ -35,6 +35,8 @@ class SidecarProcess:
             "SIDECAR_DB": str(db),
             "SIDECAR_LISTEN": f"127.0.0.1:{self.port}",
             "SIDECAR_LOG_FORMAT": "json",
+            # Tests that are not about a store's birth report its first hour (see test_billing_fixes).
+            "SIDECAR_BIRTH_HOUR": "report",
             "AWS_REGION": "us-east-1",
             "AWS_ACCESS_KEY_ID": "AKIDTEST",
             "AWS_SECRET_ACCESS_KEY": "test-secret",

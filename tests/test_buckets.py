@@ -139,7 +139,8 @@ def test_unmapped_tenant_joins_customer_when_mapped(store: Store, clock: ManualC
 
 def test_config_customers_are_applied_at_start(tmp_path: Path, clock: ManualClock) -> None:
     """Tenant mappings from the TOML file are loaded when the store opens."""
-    s = Settings(db_path=tmp_path / "db", customers={"acme": CustomerRef(customer_identifier="acme-aws")})
+    s = Settings(db_path=tmp_path / "db", birth_hour="report",
+                 customers={"acme": CustomerRef(customer_identifier="acme-aws")})
     store = Store.open(s.db_path, settings=s, clock=clock)
     try:
         ingest(store, event(1, customer={"tenant": "acme"}))
@@ -167,7 +168,7 @@ def test_conservation_property(steps: list[tuple[Any, ...]]) -> None:
     """For any events (duplicates, late, several customers), bucket units × unit + remainders = usage."""
     with tempfile.TemporaryDirectory() as tmp:
         clock = ManualClock(T0)
-        s = Settings(db_path=Path(tmp) / "db")
+        s = Settings(db_path=Path(tmp) / "db", birth_hour="report")
         store = Store.open(s.db_path, settings=s, clock=clock)
         expected: dict[tuple[str, str], int] = defaultdict(int)
         seen: dict[str, tuple[dict[str, Any], float]] = {}
@@ -206,7 +207,7 @@ def test_conservation_property(steps: list[tuple[Any, ...]]) -> None:
 
 def test_heartbeats_fill_idle_hours(tmp_path: Path, clock: ManualClock) -> None:
     """With heartbeats on, an idle hour of a recently active customer gets zero-quantity buckets."""
-    s = Settings(db_path=tmp_path / "hb.db", heartbeats=True, heartbeat_hours=2)
+    s = Settings(db_path=tmp_path / "hb.db", birth_hour="report", heartbeats=True, heartbeat_hours=2)
     store = Store.open(s.db_path, settings=s, clock=clock)
     try:
         ingest(store, event(1, when=H09 + 10))

@@ -92,7 +92,7 @@ async def test_flush_once_sends_to_simulator(tmp_path: Path, capsys: pytest.Capt
         from sidecar.store import Store
 
         then = time.time() - 7200
-        store = Store.open(db, settings=Settings(db_path=db), clock=ManualClock(then))
+        store = Store.open(db, settings=Settings(db_path=db, birth_hour="report"), clock=ManualClock(then))
         store.ingest_future([validate_event(event(1, when=then - 60), now=then, max_age_s=86400,
                                             max_future_s=300)]).result()
         store.close()

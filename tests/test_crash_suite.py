@@ -48,7 +48,7 @@ def sealed_snapshot(db: Path) -> dict[tuple[str, str, int], tuple[Any, ...]]:
 def backlog(db: Path, customers: int) -> int:
     """Sealed-hour usage for many customers, written two hours in the past; returns the hour."""
     then = time.time() - 2 * HOUR_S
-    store = Store.open(db, settings=Settings(db_path=db), clock=ManualClock(then))
+    store = Store.open(db, settings=Settings(db_path=db, birth_hour="report"), clock=ManualClock(then))
     evs = [validate_event(event(f"old-{c}", when=then - 30, customer={"customer_identifier": f"c{c}"},
                                 prompt=700 + c, completion=300), now=then, max_age_s=86400, max_future_s=300)
            for c in range(customers)]

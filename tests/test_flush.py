@@ -118,7 +118,7 @@ async def test_not_subscribed_is_rejected_then_replayed(tmp_path: Path) -> None:
         assert {r["aws_status"] for r in rejected} == {"CustomerNotSubscribed"}
         k.sim.configure(subscribe_all=True)
         out = await k.store.replay(states=["rejected"])
-        assert out == {"resent": 2, "carried": 0, "unknown": 0}
+        assert out == {"resent": 2, "rebuilt": 0, "carried": 0, "unknown": 0}
         await k.flusher.flush_once()
         assert k.states() == {"sent": 4}
     finally:
@@ -415,7 +415,7 @@ async def test_replay_conflict_carries_forward(kit: Kit) -> None:
     another_senders_record(kit)
     await kit.flusher.flush_once()
     out = await kit.store.replay(states=["conflict"])
-    assert out == {"resent": 0, "carried": 1, "unknown": 0}
+    assert out == {"resent": 0, "rebuilt": 0, "carried": 1, "unknown": 0}
     by_dim = {r["dimension"]: r["state"] for r in kit.records()}
     assert by_dim["inference-requests"] == "carried"
     kit.clock.set(H10 + HOUR_S + 400)
@@ -436,7 +436,7 @@ async def test_replay_never_carries_a_maybe_received_record(kit: Kit) -> None:
     assert {r["state"] for r in kit.records()} == {"rejected"}
     kit.clock.set(H09 + 86400 + 60)
     out = await kit.store.replay(states=["rejected"])
-    assert out == {"resent": 0, "carried": 0, "unknown": 2}
+    assert out == {"resent": 0, "rebuilt": 0, "carried": 0, "unknown": 2}
     assert {r["state"] for r in kit.records()} == {"unknown"}
 
 

@@ -63,7 +63,7 @@ async def test_oldest_pending_age(client: TestClient[Any, Any], clock: ManualClo
 async def test_retention_prunes_only_what_cannot_matter(tmp_path: Any) -> None:
     """Rows are pruned only when old enough, past the dedup horizon, and their bucket is final."""
     clock = ManualClock(T0)
-    s = Settings(db_path=tmp_path / "r.db", retention_s=3600, max_event_age_s=7200)
+    s = Settings(db_path=tmp_path / "r.db", birth_hour="report", retention_s=3600, max_event_age_s=7200)
     store = Store.open(s.db_path, settings=s, clock=clock)
     try:
         evs = [validate_event(event(i, when=T0 - 60), now=T0, max_age_s=7200, max_future_s=300) for i in range(50)]

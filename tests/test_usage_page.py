@@ -146,7 +146,7 @@ def test_human_age(seconds: int | None, text: str) -> None:
 
 def build_database(path: Path) -> tuple[dict[str, Any], float]:
     """Three hours of usage for two customers and an unmapped tenant, in every common state."""
-    settings = Settings(db_path=path, product_code="prod-test-1")
+    settings = Settings(db_path=path, product_code="prod-test-1", birth_hour="report")
     h08 = hour_start(T0) - 2 * HOUR_S
     clock = ManualClock(h08 + 60)
     store = Store.open(path, settings=settings, clock=clock)

@@ -34,7 +34,8 @@ async def test_flusher_speaks_to_moto(tmp_path: Path, moto_url: str) -> None:
     from helpers import T0
 
     clock = ManualClock(T0)
-    settings = Settings(db_path=tmp_path / "db", region="us-east-1", product_code=PRODUCT)
+    settings = Settings(db_path=tmp_path / "db", region="us-east-1", product_code=PRODUCT,
+                        birth_hour="report")
     store = Store.open(settings.db_path, settings=settings, clock=clock)
     try:
         from sidecar.events import validate_event

@@ -3,7 +3,8 @@
 Start vLLM with::
 
     python -m vllm.entrypoints.openai.api_server ... \\
-        --middleware vllm_metering.middleware.UsageMiddleware --enable-force-include-usage
+        --middleware vllm_metering.middleware.UsageMiddleware --enable-force-include-usage \\
+        --enable-per-request-metrics
 
 `UsageMiddleware` is a pure ASGI middleware. For every POST whose response carries `usage` (chat
 and text completions, embeddings, any other endpoint) it builds one "Usage event v1" and hands it to
@@ -18,9 +19,17 @@ usage vLLM puts in every chunk with `--enable-force-include-usage` / `continuous
 cumulative usage it received, which exists only with `--enable-force-include-usage` (without it, a
 disconnected request has no usage at all, is not billed, and the middleware warns once). An error
 response (4xx/5xx, or an error event in a stream) yields an event, with `finish` = `error`, only when
-usage is known; otherwise none. `gpu_seconds` is filled from the `metrics` object that
-`--enable-per-request-metrics` adds (`inference_time_ms`, else `prefill_time_ms + decode_time_ms`,
-else `generation_time_ms`); it is engine time inside shared batches, not exclusive GPU time.
+usage is known; otherwise none.
+
+GPU time needs vLLM's `--enable-per-request-metrics` (vLLM refuses it with `--disable-log-stats`)
+and, for streams, a final usage chunk (`--enable-force-include-usage` or the client's
+`stream_options.include_usage`). `gpu_seconds` is the request's engine time from the response's
+`metrics`: `time_to_first_token_ms + generation_time_ms`, first scheduling to last token, prefill
+included, queue wait excluded. It is left out when vLLM measured none (flag off, n > 1, no output
+token); see `usage.gpu_seconds_from_metrics` for the rules. With it come `engine_start` and
+`engine_end` (RFC 3339 UTC, microseconds): the request's engine interval on this process's wall clock,
+`engine_end` being when the response completed and `engine_end - engine_start` = `gpu_seconds` exactly.
+It is engine time inside shared batches, not exclusive GPU time.
 
 The customer of an event: `aws_account_id` + `license_arn` when both configured headers are present,
 else `customer_identifier` when its configured header is present, else `{"tenant": ...}` from the first

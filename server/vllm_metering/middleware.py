@@ -3,7 +3,9 @@
 Enable it with `--middleware vllm_metering.middleware.UsageMiddleware`. It wraps `receive` and `send`
 only to watch: every message is passed on first, exactly as the app produced it, and only then is
 the body chunk scanned (see `vllm_metering.usage`). The event is built after the last byte went out,
-and any failure in metering is logged and swallowed, never raised into the request.
+and any failure in metering is logged and swallowed, never raised into the request. The moment the
+last byte went out (the injectable `clock`, wall-clock epoch seconds) is the event's `time` and, with
+the engine time from vLLM's `metrics`, the `engine_end` of the request's engine interval.
 """
 
 from __future__ import annotations
@@ -292,6 +294,7 @@ class UsageMiddleware:
                 client_request_id=cap.client_request_id,
                 trust_request_id=self.settings.trust_request_id,
             ),
+            # When the final body chunk went out (else now): the event's `time` and `engine_end`.
             finished_at=cap.finished_at if cap.finished_at is not None else self._clock(),
             customer=cap.customer,
             usage=usage,

@@ -210,8 +210,8 @@ class FakeVLLM:
                 ],
             )
         document["usage"] = usage
-        if self.per_request_metrics:
-            document["metrics"] = _metrics(completion_tokens)
+        if self.per_request_metrics and kind != "embd":
+            document["metrics"] = _metrics(prompt_tokens, completion_tokens)
         await self._json(send, 200, document)
 
     async def _json(self, send: Send, status: int, document: Any) -> None:
@@ -309,8 +309,8 @@ class FakeVLLM:
                     "choices": [],
                     "usage": usage,
                 }
-                if self.per_request_metrics:
-                    final["metrics"] = _metrics(total)
+                if self.per_request_metrics:  # streams: `model_dump_json(exclude_none=True)`
+                    final["metrics"] = {k: v for k, v in _metrics(prompt, total).items() if v is not None}
                 await send(
                     {"type": "http.response.body", "body": b"data: " + _dumps(final) + b"\n\n", "more_body": True}
                 )
@@ -333,13 +333,25 @@ def _usage_info(usage: Mapping[str, Any]) -> UsageInfo:
     )
 
 
-def _metrics(completion_tokens: int) -> dict[str, float]:
+def _metrics(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """vLLM 0.32's `PerRequestMetrics` as `model_dump()` gives it (None for what was not measured).
+
+    Deterministic times: 2 ms in the queue, a prefill (TTFT) of 10 ms + 1 ms per prompt token, 4 ms
+    per output token after the first. No output token means no TTFT and no generation time, as in vLLM.
+    """
+    ttft = generation = itl = tps = None
+    if completion_tokens > 0:
+        ttft = 10.0 + 1.0 * prompt_tokens
+        generation = 4.0 * (completion_tokens - 1)
+        itl = 4.0 if completion_tokens > 1 else None
+        tps = completion_tokens / (ttft + generation) * 1000
     return {
-        "time_to_first_token_ms": 12.0,
+        "time_to_first_token_ms": ttft,
+        "generation_time_ms": generation,
         "queue_time_ms": 2.0,
-        "prefill_time_ms": 10.0,
-        "decode_time_ms": 4.0 * completion_tokens,
-        "generation_time_ms": 4.0 * completion_tokens,
+        "mean_itl_ms": itl,
+        "tokens_per_second": tps,
+        "speculative_decoding": None,
     }
 
 

@@ -16,7 +16,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 MAX_EVENT_ID_CHARS = 128
@@ -95,32 +95,52 @@ def usage_from_object(value: Any) -> Usage | None:
     )
 
 
-def _milliseconds(metrics: Mapping[str, Any], key: str) -> float | None:
+class _Invalid:
+    """Marks a metrics field that is present but unusable (wrong type, negative, NaN, infinite)."""
+
+
+_INVALID = _Invalid()
+
+
+def _milliseconds(metrics: Mapping[str, Any], key: str) -> float | None | _Invalid:
+    """A duration field: None when absent or null, `_INVALID` when not a finite number >= 0."""
     value = metrics.get(key)
+    if value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
+        return _INVALID
     if not math.isfinite(value) or value < 0:
-        return None
+        return _INVALID
     return float(value)
 
 
 def gpu_seconds_from_metrics(metrics: Any) -> float | None:
-    """Engine time of a request from vLLM's per-request `metrics` object, in seconds.
+    """Engine time of a request, in seconds, from the `metrics` object of `--enable-per-request-metrics`.
 
-    Prefers `inference_time_ms`, then `prefill_time_ms + decode_time_ms`, then `generation_time_ms`.
-    vLLM does not measure exclusive GPU time; this is time spent in the engine inside shared batches.
+    vLLM 0.32's `PerRequestMetrics` (built by `build_per_request_timing_metrics`) has
+    `time_to_first_token_ms` (first scheduled -> first output token: prefill, preemptions included),
+    `generation_time_ms` (first -> last output token: decode only), `queue_time_ms`, `mean_itl_ms` and
+    `tokens_per_second`; each is omitted or null when vLLM lacks the timestamps it needs. Engine time is
+    scheduling -> last token = `time_to_first_token_ms + generation_time_ms`; queue time is not engine
+    time. The rules, so that no engine time is ever claimed that vLLM did not measure:
+
+    - no `metrics` object (flag off, n > 1, error) or no `time_to_first_token_ms`: None. vLLM leaves
+      the TTFT out when the request never produced a token (aborted in the queue or in prefill).
+    - `time_to_first_token_ms` without `generation_time_ms`: the TTFT alone (nothing measured after
+      the first token).
+    - any of the two present but not a finite number >= 0: None (a broken object is not billed).
+
+    The result is rounded to the microsecond. It is time spent in the engine inside shared batches,
+    not exclusive GPU time: concurrent requests' engine times overlap.
     """
     if not isinstance(metrics, Mapping):
         return None
-    total = _milliseconds(metrics, "inference_time_ms")
-    if total is None:
-        prefill = _milliseconds(metrics, "prefill_time_ms")
-        decode = _milliseconds(metrics, "decode_time_ms")
-        if prefill is not None and decode is not None:
-            total = prefill + decode
-    if total is None:
-        total = _milliseconds(metrics, "generation_time_ms")
-    return None if total is None else round(total / 1000.0, 6)
+    prefill = _milliseconds(metrics, "time_to_first_token_ms")
+    decode = _milliseconds(metrics, "generation_time_ms")
+    if prefill is None or isinstance(prefill, _Invalid) or isinstance(decode, _Invalid):
+        return None
+    total = prefill if decode is None else prefill + decode
+    return round(total / 1000.0, 6)
 
 
 def _short_text(value: Any) -> str | None:
@@ -366,6 +386,24 @@ def rfc3339(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, tz=UTC).isoformat(timespec="milliseconds")
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def rfc3339_micros(epoch_us: int) -> str:
+    """RFC 3339 UTC timestamp with offset and microseconds from integer epoch microseconds (exact)."""
+    return (_EPOCH + timedelta(microseconds=epoch_us)).isoformat(timespec="microseconds")
+
+
+def engine_interval(*, engine_end: float, gpu_seconds: float) -> tuple[str, str]:
+    """`(engine_start, engine_end)` of a request whose engine time ended at `engine_end` (epoch seconds).
+
+    Both are computed in whole microseconds, so `engine_end - engine_start` is exactly `gpu_seconds`
+    (already rounded to the microsecond) and a reader can rebuild it from the two strings.
+    """
+    end_us = round(engine_end * 1_000_000)
+    return rfc3339_micros(end_us - round(gpu_seconds * 1_000_000)), rfc3339_micros(end_us)
+
+
 def _random_suffix() -> str:
     return uuid.uuid4().hex[:16]
 
@@ -407,7 +445,13 @@ def build_event(
     finish: str | None,
     gpu_seconds: float | None,
 ) -> dict[str, Any]:
-    """A usage event v1, optional fields only when known."""
+    """A usage event v1, optional fields only when known.
+
+    `finished_at` (epoch seconds, the vLLM process's wall clock) is when the response completed: the
+    event's `time` and, when the engine time is known, its `engine_end`, with `engine_start` =
+    `engine_end` - `gpu_seconds` (the request's engine interval, for sharing GPU time among the
+    requests that ran at once).
+    """
     event: dict[str, Any] = {
         "event_id": event_id,
         "time": rfc3339(finished_at),
@@ -421,6 +465,7 @@ def build_event(
         event["cached_tokens"] = usage.cached_tokens
     if gpu_seconds is not None:
         event["gpu_seconds"] = gpu_seconds
+        event["engine_start"], event["engine_end"] = engine_interval(engine_end=finished_at, gpu_seconds=gpu_seconds)
     if finish is not None:
         event["finish"] = finish
     return event

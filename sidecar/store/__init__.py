@@ -5,6 +5,7 @@ records to send, record outcomes, query usage) so a PostgreSQL backend for fleet
 the same operations.
 """
 
+from sidecar.store import queries
 from sidecar.store.db import check_integrity, connect, migrate, schema_dir
 from sidecar.store.queries import UsageFilter, health, reader, usage_rows, usage_totals
 from sidecar.store.writer import IngestResult, Store
@@ -17,6 +18,7 @@ __all__ = [
     "connect",
     "health",
     "migrate",
+    "queries",
     "reader",
     "schema_dir",
     "usage_rows",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ def reader(path: Path) -> Iterator[sqlite3.Connection]:
 
 @dataclass(frozen=True, kw_only=True)
 class UsageFilter:
-    """Filters for usage queries; None means any."""
+    """Filters for usage queries; None means any. `customer` matches exactly (see customer_clause)."""
 
     customer: str | None = None
     dimension: str | None = None
@@ -36,13 +37,46 @@ class UsageFilter:
     since: int | None = None  # hour >= since
     until: int | None = None  # hour < until
 
+    def __post_init__(self) -> None:
+        if self.customer is not None:
+            customer_clause(self.customer, "customer")  # refuses an empty value now, not mid-query
+
+
+CUSTOMER_SCHEMES = ("identifier:", "account:", "tenant:")
+ACCOUNT_ID = re.compile(r"[0-9]{12}")
+
+
+def customer_clause(text: str, column: str) -> tuple[str, list[Any]]:
+    """An SQL condition on `column` (a customer key column) matching exactly the customer `text` names.
+
+    `text` is a stored customer key (`identifier:ID`, `account:ACCOUNT/LICENSE_ARN`, `tenant:NAME`),
+    a bare 12-digit AWS account id (every `account:<id>/...` key, and `identifier:<id>`), or a bare
+    customer identifier (`identifier:<text>`). Never a pattern: `_` and `%` are plain characters.
+    Raises ValueError when `text` is empty or blank.
+    """
+    if not text.strip():
+        raise ValueError(
+            "customer: must not be empty; give a customer key (identifier:ID, account:ACCOUNT/LICENSE_ARN,"
+            " tenant:NAME), a 12-digit AWS account id, or a customer identifier"
+        )
+    if text.startswith(CUSTOMER_SCHEMES):
+        return f"{column} = ?", [text]
+    if ACCOUNT_ID.fullmatch(text):
+        return (
+            f"({column} IN (SELECT customers.customer FROM customers WHERE customers.aws_account_id = ?)"
+            f" OR {column} = ?)",
+            [text, f"identifier:{text}"],
+        )
+    return f"{column} = ?", [f"identifier:{text}"]
+
 
 def _where(f: UsageFilter, alias: str = "b") -> tuple[str, list[Any]]:
     clauses: list[str] = []
     args: list[Any] = []
     if f.customer is not None:
-        clauses.append(f"({alias}.customer = ? OR {alias}.customer LIKE ?)")
-        args += [f.customer, f"%:{f.customer}%"]
+        clause, values = customer_clause(f.customer, f"{alias}.customer")
+        clauses.append(clause)
+        args += values
     if f.dimension is not None:
         clauses.append(f"{alias}.dimension = ?")
         args.append(f.dimension)
@@ -62,10 +96,11 @@ def usage_rows(conn: sqlite3.Connection, f: UsageFilter, *, limit: int = 5000) -
     """Bucket rows, newest hour first, with their record's delivery details when one exists."""
     where, args = _where(f)
     sql = (
-        "SELECT b.*, r.timestamp AS record_timestamp, r.attempts, r.aws_status,"
-        " r.metering_record_id, r.last_error, r.sent_at"
+        "SELECT b.*, r.id AS record_id, r.timestamp AS record_timestamp, r.attempts, r.aws_status,"
+        " r.metering_record_id, r.last_error, r.sent_at, h.rule AS hold_rule"
         " FROM buckets b LEFT JOIN records r"
         " ON r.customer = b.customer AND r.dimension = b.dimension AND r.hour = b.hour"
+        " LEFT JOIN holds h ON h.record_id = r.id AND r.state = 'held'"
         f"{where} ORDER BY b.hour DESC, b.customer, b.dimension LIMIT ?"
     )
     return [dict(r) for r in conn.execute(sql, [*args, limit])]
@@ -99,18 +134,90 @@ def usage_totals(conn: sqlite3.Connection, f: UsageFilter) -> list[dict[str, Any
     return list(totals.values())
 
 
+def parked_rows(conn: sqlite3.Connection, f: UsageFilter) -> list[dict[str, Any]]:
+    """Usage parked because the running configuration cannot bill it (state `unconfigured`)."""
+    sql = "SELECT * FROM parked p WHERE p.state = 'unconfigured'"
+    args: list[Any] = []
+    if f.customer is not None:
+        clause, values = customer_clause(f.customer, "p.customer")
+        sql += f" AND {clause}"
+        args += values
+    if f.dimension is not None:
+        sql += " AND p.dimension = ?"
+        args.append(f.dimension)
+    return [dict(r) for r in conn.execute(sql + " ORDER BY p.id", args)]
+
+
 def health(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
-    """Facts for /healthz: the oldest sealed-but-unsent hour, and the oldest pending record's age."""
+    """Facts for /healthz: the oldest unsent hour and pending age, held records, parked and unmapped usage."""
     row = conn.execute(
-        "SELECT min(hour) AS h FROM buckets WHERE state IN ('sealed', 'pending')"
+        "SELECT min(hour) AS h FROM buckets WHERE state IN ('sealed', 'pending', 'held')"
     ).fetchone()
     oldest = row["h"] if row and row["h"] is not None else None
     pending_age = oldest_pending_age_s(conn, now)
+    held = conn.execute("SELECT count(*) FROM records WHERE state = 'held'").fetchone()[0]
     return {
         "oldest_unsent_hour": oldest,
         "oldest_unsent_age_s": (int(now) - (oldest + 3600)) if oldest is not None else None,
         "oldest_pending_age_s": None if pending_age is None else int(pending_age),
+        "held_records": held,
+        "unconfigured": unconfigured_summary(conn),
+        "unmapped": unmapped_summary(conn, now),
     }
+
+
+def unconfigured_summary(conn: sqlite3.Connection) -> dict[str, Any] | None:
+    """Parked usage: how many rows and the raw amount per dimension (None when there is none)."""
+    rows = conn.execute("SELECT dimension, count(*) AS n, sum(raw) AS raw FROM parked"
+                        " WHERE state = 'unconfigured' GROUP BY dimension ORDER BY dimension").fetchall()
+    if not rows:
+        return None
+    return {"rows": sum(r["n"] for r in rows), "raw_by_dimension": {r["dimension"]: r["raw"] for r in rows}}
+
+
+def unmapped_summary(conn: sqlite3.Connection, now: float) -> dict[str, Any] | None:
+    """Usage of tenants with no customer mapping: tenants, events, raw per dimension, the oldest's age."""
+    rows = conn.execute(
+        "SELECT c.tenant, b.dimension, sum(b.raw) AS raw, sum(b.events) AS events, min(b.first_event_at) AS first"
+        " FROM buckets b JOIN customers c ON c.customer = b.customer WHERE b.state = 'unmapped'"
+        " GROUP BY c.tenant, b.dimension").fetchall()
+    if not rows:
+        return None
+    raw: dict[str, int] = {}
+    events: dict[str, int] = {}
+    for r in rows:
+        raw[r["dimension"]] = raw.get(r["dimension"], 0) + r["raw"]
+        events[r["tenant"]] = max(events.get(r["tenant"], 0), r["events"])  # each event counts once per dimension
+    first = min(r["first"] for r in rows)
+    return {"tenants": sorted(events), "events": sum(events.values()), "raw_by_dimension": raw,
+            "oldest_event_at": first, "oldest_age_s": max(0, int(now) - first)}
+
+
+def open_bucket_count(conn: sqlite3.Connection) -> int:
+    """Buckets of hours still open (usage not sealed yet)."""
+    return int(conn.execute("SELECT count(*) FROM buckets WHERE state = 'open'").fetchone()[0])
+
+
+def left_behind(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
+    """What a stopping sidecar leaves unsent in its database (logged at SIGTERM)."""
+    open_rows = conn.execute("SELECT count(*) AS n, coalesce(sum(events), 0) AS e FROM buckets"
+                             " WHERE state = 'open'").fetchone()
+    owed = conn.execute("SELECT state, count(*) AS n FROM records WHERE state IN ('pending', 'held')"
+                        " GROUP BY state").fetchall()
+    carries = conn.execute("SELECT count(*) FROM carries WHERE raw > 0").fetchone()[0]
+    out: dict[str, Any] = {
+        "open_buckets": open_rows["n"], "records": {r["state"]: r["n"] for r in owed},
+        "remainders": carries, "unmapped": unmapped_summary(conn, now), "unconfigured": unconfigured_summary(conn),
+    }
+    return {k: v for k, v in out.items() if v}
+
+
+def settlements(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Remainders settled at final seals, per customer and dimension: raw rounded up and given up."""
+    return [dict(r) for r in conn.execute(
+        "SELECT customer, dimension, sum(CASE WHEN units_added > 0 THEN units_added * unit - raw ELSE 0 END)"
+        " AS rounded_up, sum(CASE WHEN units_added = 0 THEN raw ELSE 0 END) AS given_up"
+        " FROM settlements GROUP BY customer, dimension ORDER BY customer, dimension")]
 
 
 def state_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
@@ -123,7 +230,7 @@ def state_counts(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
 def oldest_pending_age_s(conn: sqlite3.Connection, now: float) -> float | None:
     """Age of the oldest record still owed to AWS (the alarm signal before its window closes)."""
     row = conn.execute(
-        "SELECT min(timestamp) AS t FROM records WHERE state = 'pending'"
+        "SELECT min(timestamp) AS t FROM records WHERE state IN ('pending', 'held')"
     ).fetchone()
     sealed = conn.execute("SELECT min(hour) AS h FROM buckets WHERE state = 'sealed'").fetchone()
     candidates = [v for v in (row["t"], sealed["h"]) if v is not None]

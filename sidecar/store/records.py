@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -17,11 +17,33 @@ from typing import Any
 import structlog
 
 from sidecar.clock import hour_start
-from sidecar.usage import BucketKey, Delta, record_timestamp
+from sidecar.config import MAX_QUANTITY, Dimension
+from sidecar.usage import BucketKey, Delta, guardrail, record_timestamp
 
 log = structlog.get_logger("sidecar.records")
 
 REPLAYABLE = ("rejected", "conflict", "expired")
+HISTORY_S = 7 * 24 * 3600  # the spike rule compares with the customer's last 7 days
+DeltaSink = Callable[[sqlite3.Connection, dict[BucketKey, Delta]], None]
+
+
+def certainly_refused(aws_status: str | None) -> bool:
+    """Whether AWS's answer means the record was certainly not billed (so it may be rebuilt).
+
+    CustomerNotSubscribed per record, or a request-level refusal for the record's content
+    (InvalidUsageDimension…, InvalidProductCode…, DisabledApi…) isolated to it by bisection.
+    """
+    s = aws_status or ""
+    return s == "CustomerNotSubscribed" or (s.startswith("Invalid") and s.endswith("Exception")) \
+        or s == "DisabledApiException"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Guard:
+    """What freezing needs to check a record before anything leaves: each dimension's limits."""
+
+    dimensions: Mapping[str, Dimension]
+    spike_factor: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +84,52 @@ def aws_accepts(timestamp: int, *, now: float, window_s: int) -> bool:
     return timestamp <= now and now < window_closes_at(timestamp, window_s=window_s, margin_s=0)
 
 
-def freeze(conn: sqlite3.Connection, *, now: float, product_code: str | None) -> int:
-    """Turn every sealed bucket into exactly one stored record (payload frozen), state pending."""
+def _payload(r: Mapping[str, Any], *, dimension: str, quantity: int, timestamp: int,
+             product_code: str | None) -> tuple[dict[str, Any], str | None] | None:
+    """The UsageRecord for a customer row, and the call's ProductCode; None when a ProductCode is
+    needed (CustomerIdentifier customers) and not configured."""
+    payload: dict[str, Any] = {"Timestamp": timestamp, "Dimension": dimension, "Quantity": quantity}
+    if r["customer_identifier"] is not None:
+        if not product_code:
+            return None
+        payload["CustomerIdentifier"] = r["customer_identifier"]
+        return payload, product_code
+    payload["CustomerAWSAccountId"] = r["aws_account_id"]
+    payload["LicenseArn"] = r["license_arn"]
+    return payload, None
+
+
+def _check_guardrails(conn: sqlite3.Connection, guard: Guard, *, customer: str, dimension: str, hour: int,
+                      quantity: int) -> str | None:
+    """Why this record must be held (ceiling or spike against the customer's history), or None."""
+    dim = guard.dimensions.get(dimension)
+    if dim is None:
+        return f"dimension {dimension!r} is not configured"
+    history = conn.execute(
+        "SELECT max(quantity) FROM records WHERE customer = ? AND dimension = ? AND hour >= ? AND hour < ?"
+        " AND state != 'held'", (customer, dimension, hour - HISTORY_S, hour)).fetchone()[0]
+    return guardrail(quantity, ceiling=dim.ceiling, floor=dim.floor, spike_factor=guard.spike_factor,
+                     history_max=history)
+
+
+def _hold_or_pend(conn: sqlite3.Connection, guard: Guard, record_id: int, *, customer: str, dimension: str,
+                  hour: int, quantity: int, now: float) -> str:
+    """Put a freshly (re)built record in `pending`, or in `held` when a guardrail trips (logged as an error)."""
+    rule = _check_guardrails(conn, guard, customer=customer, dimension=dimension, hour=hour, quantity=quantity)
+    state = "pending" if rule is None else "held"
+    _set_state(conn, record_id, state)
+    if rule is not None:
+        conn.execute("INSERT INTO holds (record_id, rule, held_at) VALUES (?,?,?) ON CONFLICT (record_id) DO UPDATE"
+                     " SET rule = excluded.rule, held_at = excluded.held_at, released_at = NULL, outcome = NULL",
+                     (record_id, rule, int(now)))
+        log.error("record_held", record=record_id, customer=customer, dimension=dimension, hour=hour,
+                  quantity=quantity, rule=rule, hint="check it, then `sidecar release --state held`")
+    return state
+
+
+def freeze(conn: sqlite3.Connection, *, now: float, product_code: str | None, guard: Guard) -> int:
+    """Turn every sealed bucket into exactly one stored record (payload frozen), state pending
+    (or held, when a guardrail trips: a quantity above the dimension's ceiling, or a spike)."""
     rows = conn.execute(
         "SELECT b.customer, b.dimension, b.hour, b.quantity, b.first_event_at,"
         " c.aws_account_id, c.license_arn, c.customer_identifier"
@@ -72,32 +138,40 @@ def freeze(conn: sqlite3.Connection, *, now: float, product_code: str | None) ->
     ).fetchall()
     frozen = 0
     for r in rows:
+        if r["dimension"] not in guard.dimensions:
+            log.error("dimension_not_configured", customer=r["customer"], dimension=r["dimension"], hour=r["hour"],
+                      hint="this sealed hour is not sent until its dimension is configured again")
+            continue
         ts = record_timestamp(r["hour"], r["first_event_at"])
-        payload: dict[str, Any] = {"Timestamp": ts, "Dimension": r["dimension"], "Quantity": r["quantity"]}
-        if r["customer_identifier"] is not None:
-            if not product_code:
-                log.error("product_code_missing", customer=r["customer"],
-                          hint="set SIDECAR_PRODUCT_CODE to send CustomerIdentifier records")
-                continue
-            payload["CustomerIdentifier"] = r["customer_identifier"]
-            code = product_code
-        else:
-            payload["CustomerAWSAccountId"] = r["aws_account_id"]
-            payload["LicenseArn"] = r["license_arn"]
-            code = None
-        conn.execute(
+        built = _payload(r, dimension=r["dimension"], quantity=r["quantity"], timestamp=ts, product_code=product_code)
+        if built is None:
+            log.error("product_code_missing", customer=r["customer"],
+                      hint="set SIDECAR_PRODUCT_CODE to send CustomerIdentifier records")
+            continue
+        payload, code = built
+        cur = conn.execute(
             "INSERT INTO records (customer, dimension, hour, timestamp, quantity, aws_account_id, license_arn,"
             " customer_identifier, product_code, payload, state, created_at)"
             " VALUES (?,?,?,?,?,?,?,?,?,?, 'pending', ?)",
             (r["customer"], r["dimension"], r["hour"], ts, r["quantity"], r["aws_account_id"],
              r["license_arn"], r["customer_identifier"], code, payload_json(payload), int(now)),
         )
-        conn.execute(
-            "UPDATE buckets SET state = 'pending' WHERE customer = ? AND dimension = ? AND hour = ?",
-            (r["customer"], r["dimension"], r["hour"]),
-        )
+        assert cur.lastrowid is not None
+        _hold_or_pend(conn, guard, cur.lastrowid, customer=r["customer"], dimension=r["dimension"], hour=r["hour"],
+                      quantity=r["quantity"], now=now)
         frozen += 1
     return frozen
+
+
+def park(conn: sqlite3.Connection, *, customer: str, dimension: str, hour: int, unit: int, raw: int, events: int,
+         first_event_at: int, reason: str, now: int) -> None:
+    """Keep usage the running configuration cannot bill (state `unconfigured`), visible, never sent."""
+    conn.execute(
+        "INSERT INTO parked (customer, dimension, unit, raw, events, first_event_at, hour, reason, parked_at, state)"
+        " VALUES (?,?,?,?,?,?,?,?,?, 'unconfigured')",
+        (customer, dimension, unit, raw, events, first_event_at, hour, reason, now))
+    log.error("usage_parked", customer=customer, dimension=dimension, raw=raw, unit=unit, hour=hour, reason=reason,
+              hint="configure the dimension, or `sidecar release --state unconfigured --dimension OLD=NEW`")
 
 
 def resume_in_flight(conn: sqlite3.Connection) -> int:
@@ -124,8 +198,10 @@ def _set_state(conn: sqlite3.Connection, record_id: int, state: str, **fields: A
 
 
 def carry_into_open_hour(conn: sqlite3.Connection, record_id: int, *, now: float, watermark: int,
-                         apply_deltas: Any, reason: str) -> None:
-    """Move a never-received record's quantity into the current open hour of its customer."""
+                         apply_deltas: DeltaSink, reason: str, into: Dimension | None = None) -> None:
+    """Move a never-received record's usage into the current open hour of its customer, in raw
+    units with the unit it was measured in (or into `into`, a configured dimension of the same
+    source, with that dimension's unit). The sink parks what the configuration cannot bill."""
     r = conn.execute(
         "SELECT r.customer, r.dimension, r.quantity, b.unit FROM records r JOIN buckets b"
         " ON b.customer = r.customer AND b.dimension = r.dimension AND b.hour = r.hour WHERE r.id = ?",
@@ -133,18 +209,19 @@ def carry_into_open_hour(conn: sqlite3.Connection, record_id: int, *, now: float
     ).fetchone()
     raw = r["quantity"] * r["unit"]
     hour = max(hour_start(now), watermark)
+    dimension, unit = (r["dimension"], r["unit"]) if into is None else (into.name, into.raw_unit)
     deltas: dict[BucketKey, Delta] = {}
     if raw:
-        deltas[(r["customer"], r["dimension"], hour)] = Delta(raw=raw, events=0, carried_in=raw,
-                                                               first_event_at=int(now))
-    _set_state(conn, record_id, "carried", last_error=f"{reason}; carried to hour {hour}")
+        deltas[(r["customer"], dimension, hour)] = Delta(unit=unit, raw=raw, events=0, carried_in=raw,
+                                                          first_event_at=int(now))
+    _set_state(conn, record_id, "carried", last_error=f"{reason}; carried to {dimension} hour {hour}")
     apply_deltas(conn, deltas)
     log.warning("record_carried", record=record_id, customer=r["customer"], dimension=r["dimension"],
-                quantity=r["quantity"], to_hour=hour)
+                quantity=r["quantity"], to_dimension=dimension, to_hour=hour)
 
 
 def close_window(conn: sqlite3.Connection, record: int, *, policy: str, now: float, watermark: int,
-                 apply_deltas: Any, reason: str) -> str:
+                 apply_deltas: DeltaSink, reason: str, into: Dimension | None = None) -> str:
     """A record whose window closed: unknown if AWS may have it, else carry or expire by policy."""
     row = conn.execute("SELECT maybe_received, customer, dimension, quantity FROM records WHERE id = ?",
                        (record,)).fetchone()
@@ -154,7 +231,8 @@ def close_window(conn: sqlite3.Connection, record: int, *, policy: str, now: flo
                   dimension=row["dimension"], quantity=row["quantity"])
         return "unknown"
     if policy == "carry":
-        carry_into_open_hour(conn, record, now=now, watermark=watermark, apply_deltas=apply_deltas, reason=reason)
+        carry_into_open_hour(conn, record, now=now, watermark=watermark, apply_deltas=apply_deltas, reason=reason,
+                             into=into)
         return "carried"
     _set_state(conn, record, "expired", last_error=reason)
     log.error("record_expired", record=record, customer=row["customer"], dimension=row["dimension"],
@@ -163,10 +241,11 @@ def close_window(conn: sqlite3.Connection, record: int, *, policy: str, now: flo
 
 
 def close_windows(conn: sqlite3.Connection, *, now: float, window_s: int, margin_s: int, policy: str,
-                  watermark: int, apply_deltas: Any) -> dict[str, int]:
-    """Apply the window rule to every pending record that is not being sent right now."""
+                  watermark: int, apply_deltas: DeltaSink) -> dict[str, int]:
+    """Apply the window rule to every pending or held record that is not being sent right now."""
     counts: dict[str, int] = {}
-    for r in conn.execute("SELECT id, timestamp FROM records WHERE state = 'pending' AND in_flight = 0").fetchall():
+    for r in conn.execute(
+            "SELECT id, timestamp FROM records WHERE state IN ('pending', 'held') AND in_flight = 0").fetchall():
         if now >= window_closes_at(r["timestamp"], window_s=window_s, margin_s=margin_s):
             state = close_window(conn, r["id"], policy=policy, now=now, watermark=watermark,
                                  apply_deltas=apply_deltas, reason="window closed before AWS accepted it")
@@ -235,34 +314,172 @@ def mark_retry(conn: sqlite3.Connection, records: Iterable[int], *, error: str, 
 
 
 def replay(conn: sqlite3.Connection, *, states: Iterable[str], now: float, window_s: int, margin_s: int,
-           customer: str | None, watermark: int, apply_deltas: Any) -> dict[str, int]:
-    """Re-drive terminal records: rejected ones are resent unchanged while AWS's window is open;
-    conflicts, expired records and rejected ones past the window are carried into the open hour."""
+           customer: tuple[str, list[Any]] | None, watermark: int, apply_deltas: DeltaSink, guard: Guard,
+           product_code: str | None, rename: Mapping[str, str]) -> dict[str, int]:
+    """Re-drive terminal records.
+
+    A rejected record AWS certainly did not bill (see `certainly_refused`) is rebuilt from its usage
+    under the current configuration (ProductCode, dimension renamed by `rename`, its unit) and sent
+    while AWS's window is open, or its usage is carried (with its unit) into the open hour when not.
+    Any other rejected record is resent unchanged while the window is open. Conflicts, expired
+    records and rejected ones past the window are carried into the open hour; a record whose
+    earlier send may have been billed is never moved (it becomes `unknown`).
+    `customer` is an SQL condition on the `customer` column with its arguments (exact matches).
+    """
     states = [s for s in states if s in REPLAYABLE]
     if not states:
         return {}
     marks = ",".join("?" for _ in states)
-    sql = f"SELECT id, timestamp, state FROM records WHERE state IN ({marks})"
+    sql = f"SELECT id, timestamp, state, dimension, aws_status, maybe_received FROM records WHERE state IN ({marks})"
     args: list[Any] = list(states)
     if customer:
-        sql += " AND (customer = ? OR customer LIKE ?)"
-        args += [customer, f"%:{customer}%"]
-    counts = {"resent": 0, "carried": 0, "unknown": 0}
-    for r in conn.execute(sql, args).fetchall():
-        # A rejected record (e.g. the customer has subscribed since) is resent unchanged while AWS's
-        # window is open. Anything else is closed like an expired window, carried into the open
-        # hour: a conflict would only meet the same DuplicateRecord again, an expired record cannot
-        # be sent any more, and a record whose earlier send may have been billed is never moved.
-        if r["state"] == "rejected" and now < window_closes_at(r["timestamp"], window_s=window_s, margin_s=margin_s):
+        sql += f" AND {customer[0]}"
+        args += customer[1]
+    counts = {"resent": 0, "rebuilt": 0, "carried": 0, "unknown": 0}
+    for r in conn.execute(sql + " ORDER BY id", args).fetchall():
+        target = guard.dimensions.get(rename.get(r["dimension"], r["dimension"]))
+        in_window = now < window_closes_at(r["timestamp"], window_s=window_s, margin_s=margin_s)
+        if r["state"] == "rejected" and not r["maybe_received"] and certainly_refused(r["aws_status"]):
+            if in_window and target is not None:
+                done = _rebuild(conn, r["id"], target, now=now, guard=guard, product_code=product_code)
+                if done is not None:
+                    counts[done] += 1
+                    continue
+            state = close_window(conn, r["id"], policy="carry", now=now, watermark=watermark,
+                                 apply_deltas=apply_deltas, into=target,
+                                 reason=f"replayed by operator from {r['state']} ({r['aws_status']})")
+            counts[state] += 1
+        elif r["state"] == "rejected" and in_window:
+            # Not certainly refused (an earlier send's answer was lost): only the identical record may go.
             conn.execute("UPDATE records SET next_attempt_at = 0, last_error = 'replayed by operator' WHERE id = ?",
                          (r["id"],))
             _set_state(conn, r["id"], "pending")
             counts["resent"] += 1
         else:
             state = close_window(conn, r["id"], policy="carry", now=now, watermark=watermark,
-                                 apply_deltas=apply_deltas, reason=f"replayed by operator from {r['state']}")
+                                 apply_deltas=apply_deltas, into=target if r["dimension"] in rename else None,
+                                 reason=f"replayed by operator from {r['state']}")
             counts[state] += 1
     return counts
+
+
+def _rebuild(conn: sqlite3.Connection, record_id: int, target: Dimension, *, now: float, guard: Guard,
+             product_code: str | None) -> str | None:
+    """Rebuild a certainly-refused record in place under the current configuration: "rebuilt", or
+    "resent" when the configuration built the same record again; None when it cannot be (its renamed
+    key is taken, or no ProductCode), so the caller carries its usage instead.
+
+    The usage the record stood for (quantity x the unit it was measured in) is re-expressed in the
+    target dimension's unit; what is left below one unit joins the customer's carry. The previous
+    record is kept in `record_rebuilds`.
+    """
+    r = conn.execute(
+        "SELECT r.*, b.unit AS bucket_unit, c.aws_account_id AS c_account, c.license_arn AS c_license,"
+        " c.customer_identifier AS c_identifier FROM records r"
+        " JOIN buckets b ON b.customer = r.customer AND b.dimension = r.dimension AND b.hour = r.hour"
+        " JOIN customers c ON c.customer = r.customer WHERE r.id = ?", (record_id,)).fetchone()
+    if target.name != r["dimension"] and conn.execute(
+            "SELECT 1 FROM buckets WHERE customer = ? AND dimension = ? AND hour = ?",
+            (r["customer"], target.name, r["hour"])).fetchone():
+        return None
+    usage = r["quantity"] * r["bucket_unit"]
+    quantity = min(usage // target.raw_unit, MAX_QUANTITY)
+    left = usage - quantity * target.raw_unit
+    who = {"aws_account_id": r["c_account"], "license_arn": r["c_license"], "customer_identifier": r["c_identifier"]}
+    built = _payload(who, dimension=target.name, quantity=quantity, timestamp=r["timestamp"],
+                     product_code=product_code)
+    if built is None:
+        return None
+    payload, code = built
+    if payload_json(payload) == r["payload"] and code == r["product_code"]:
+        conn.execute("UPDATE records SET next_attempt_at = 0, last_error = 'replayed by operator' WHERE id = ?",
+                     (record_id,))
+        _set_state(conn, record_id, "pending")
+        return "resent"
+    conn.execute(
+        "INSERT INTO record_rebuilds (record_id, at, old_state, old_dimension, old_quantity, old_product_code,"
+        " old_payload, old_aws_status, reason) VALUES (?,?,?,?,?,?,?,?,?)",
+        (record_id, int(now), r["state"], r["dimension"], r["quantity"], r["product_code"], r["payload"],
+         r["aws_status"], "AWS certainly did not bill it; rebuilt under the current configuration"))
+    key = (r["customer"], r["dimension"], r["hour"])
+    conn.execute("UPDATE buckets SET dimension = ?, unit = ?, quantity = ?, remainder = remainder + ?"
+                 " WHERE customer = ? AND dimension = ? AND hour = ?",
+                 (target.name, target.raw_unit, quantity, left, *key))
+    conn.execute(
+        "UPDATE records SET dimension = ?, quantity = ?, payload = ?, product_code = ?, aws_account_id = ?,"
+        " license_arn = ?, customer_identifier = ?, attempts = 0, maybe_received = 0, in_flight = 0,"
+        " next_attempt_at = 0, aws_status = NULL, metering_record_id = NULL,"
+        " last_error = ? WHERE id = ?",
+        (target.name, quantity, payload_json(payload), code, r["c_account"], r["c_license"], r["c_identifier"],
+         f"rebuilt by operator from {r['dimension']} x {r['quantity']} ({r['aws_status']})", record_id))
+    if left:
+        conn.execute("INSERT INTO carries (customer, dimension, raw) VALUES (?,?,?)"
+                     " ON CONFLICT (customer, dimension) DO UPDATE SET raw = raw + excluded.raw",
+                     (r["customer"], target.name, left))
+    state = _hold_or_pend(conn, guard, record_id, customer=r["customer"], dimension=target.name, hour=r["hour"],
+                          quantity=quantity, now=now)
+    log.warning("record_rebuilt", record=record_id, customer=r["customer"], old_dimension=r["dimension"],
+                old_quantity=r["quantity"], dimension=target.name, quantity=quantity, product_code=code, state=state)
+    return "rebuilt"
+
+
+def release_held(conn: sqlite3.Connection, *, customer: tuple[str, list[Any]] | None, dimension: str | None,
+                 record_id: int | None, discard: bool, now: float) -> int:
+    """An operator's decision on held records: send them (pending) or discard them (expired)."""
+    sql = "SELECT id, customer, dimension, hour, quantity FROM records WHERE state = 'held'"
+    args: list[Any] = []
+    if customer:
+        sql += f" AND {customer[0]}"
+        args += customer[1]
+    if dimension is not None:
+        sql += " AND dimension = ?"
+        args.append(dimension)
+    if record_id is not None:
+        sql += " AND id = ?"
+        args.append(record_id)
+    rows = conn.execute(sql, args).fetchall()
+    for r in rows:
+        if discard:
+            _set_state(conn, r["id"], "expired", last_error="held by a guardrail; discarded by operator")
+        else:
+            conn.execute("UPDATE records SET next_attempt_at = 0, last_error = 'released by operator' WHERE id = ?",
+                         (r["id"],))
+            _set_state(conn, r["id"], "pending")
+        conn.execute("UPDATE holds SET released_at = ?, outcome = ? WHERE record_id = ?",
+                     (int(now), "discarded" if discard else "released", r["id"]))
+        log.warning("held_record_discarded" if discard else "held_record_released", record=r["id"],
+                    customer=r["customer"], dimension=r["dimension"], hour=r["hour"], quantity=r["quantity"])
+    return len(rows)
+
+
+def release_parked(conn: sqlite3.Connection, *, dimension: str, into: Dimension,
+                   customer: tuple[str, list[Any]] | None, now: float, watermark: int,
+                   apply_deltas: DeltaSink) -> int:
+    """Move parked (`unconfigured`) usage of `dimension` into the configured dimension `into`, in the
+    customer's open hour, with `into`'s unit. Raises ValueError when the two measure different things."""
+    known = conn.execute("SELECT source FROM dimensions WHERE name = ?", (dimension,)).fetchone()
+    if known is not None and known["source"] != into.source:
+        raise ValueError(f"--dimension: {dimension!r} measured {known['source']}, {into.name!r} measures "
+                         f"{into.source}; usage cannot change what it measures")
+    sql = "SELECT * FROM parked WHERE state = 'unconfigured' AND dimension = ?"
+    args: list[Any] = [dimension]
+    if customer:
+        sql += f" AND {customer[0]}"
+        args += customer[1]
+    rows = conn.execute(sql + " ORDER BY id", args).fetchall()
+    hour = max(hour_start(now), watermark)
+    for p in rows:
+        if known is None:
+            log.warning("release_source_unknown", parked=p["id"], dimension=dimension, into=into.name,
+                        note="no release that opened this file configured it; the operator's mapping is trusted")
+        conn.execute("UPDATE parked SET state = 'released', released_to = ?, released_at = ? WHERE id = ?",
+                     (into.name, int(now), p["id"]))
+        apply_deltas(conn, {(p["customer"], into.name, hour): Delta(
+            unit=into.raw_unit, raw=p["raw"], events=p["events"], carried_in=p["raw"],
+            first_event_at=p["first_event_at"])})
+        log.warning("parked_usage_released", parked=p["id"], customer=p["customer"], dimension=dimension,
+                    into=into.name, raw=p["raw"], to_hour=hour)
+    return len(rows)
 
 
 def pending_summary(conn: sqlite3.Connection) -> tuple[int, float | None]:

@@ -16,7 +16,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,18 +24,20 @@ from typing import Any, TypeVar
 import structlog
 
 from sidecar.clock import HOUR_S, Clock, hour_start
-from sidecar.config import CustomerRef, Settings
+from sidecar.config import MAX_QUANTITY, CustomerRef, Settings
 from sidecar.errors import StoreBusy, StoreClosed
 from sidecar.events import UsageEvent
-from sidecar.store import records
+from sidecar.store import queries, records
 from sidecar.store.db import _unavailable, check_integrity, connect, migrate
-from sidecar.usage import BucketKey, Delta, add_event, sealing_watermark, target_hour, whole_units
+from sidecar.usage import BucketKey, Delta, add_event, sealing_watermark, settle_remainder, target_hour, whole_units
 
 log = structlog.get_logger("sidecar.store")
 
 T = TypeVar("T")
 MAX_GROUP_EVENTS = 20_000  # cap on events merged into one group commit
 WATERMARK_KEY = "sealed_before"
+ALIVE_KEY = "alive_at"  # last time a process owned this file (updated at every sealing pass)
+FIRST_HOUR_KEY = "first_hour"  # the earliest hour this store may start a new bucket in
 PRUNE_MARGIN_S = 3600
 
 
@@ -109,7 +111,7 @@ class Store:
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._tenants: dict[str, str] = {}
-        self._raw_units = {d.name: d.raw_unit for d in settings.dimensions}  # stored with each new bucket
+        self._dims = {d.name: d for d in settings.dimensions}
         self._on_commit: list[Callable[[], object]] = []  # in-memory updates to apply once committed
         self._queued_events = 0  # events handed to the writer and not yet committed or failed
         self._queued_lock = threading.Lock()
@@ -133,11 +135,16 @@ class Store:
         store._tenants = {
             r["tenant"]: r["customer"] for r in store._conn.execute("SELECT tenant, customer FROM tenants")
         }
-        row = store._conn.execute("SELECT value FROM meta WHERE key = ?", (WATERMARK_KEY,)).fetchone()
-        store._watermark = int(row["value"]) if row else 0
         store._conn.execute("BEGIN IMMEDIATE")
-        resumed = records.resume_in_flight(store._conn) if resume else 0
-        store._conn.execute("COMMIT")
+        try:
+            store._watermark = store._birth(store._conn)
+            store._record_dimensions(store._conn)
+            resumed = records.resume_in_flight(store._conn) if resume else 0
+            store._conn.execute("COMMIT")
+        except BaseException:
+            store._conn.execute("ROLLBACK")
+            store._conn.close()
+            raise
         if resumed:
             log.warning("resumed_in_flight_records", records=resumed,
                         note="their earlier send may have reached AWS; they are resent unchanged")
@@ -147,6 +154,40 @@ class Store:
             if store._tenants.get(tenant) != ref.key:
                 store.call(functools.partial(store._map_tenant, tenant=tenant, ref=ref, source="config"))
         return store
+
+    def _birth(self, conn: sqlite3.Connection) -> int:
+        """The sealing watermark at open; a store born now (or reopened after a gap) skips this hour.
+
+        A fresh file (a replacement task) or one no process owned since before the current hour
+        began cannot know whether another sidecar already reported this hour for its customers:
+        AWS keeps the first record per key. With `birth_hour = "defer"` its usage of this hour goes
+        into the next hour's record (`carried_in`), so it never sends a key a predecessor may have.
+        """
+        now = self.clock.now()
+        stored = _meta_int(conn, WATERMARK_KEY) or 0
+        alive = _meta_int(conn, ALIVE_KEY)
+        if alive is None:
+            alive = conn.execute("SELECT max(received_at) FROM events").fetchone()[0]
+        watermark = stored
+        if self.settings.birth_hour == "defer" and (alive is None or alive < hour_start(now)):
+            first = hour_start(now) + HOUR_S
+            watermark = max(stored, first)
+            _set_meta(conn, FIRST_HOUR_KEY, max(_meta_int(conn, FIRST_HOUR_KEY) or 0, first))
+            _set_meta(conn, WATERMARK_KEY, watermark)
+            log.info("store_birth", last_alive_at=alive, reports_from_hour=first,
+                     note="usage of the current hour goes into the next hour's record")
+        _set_meta(conn, ALIVE_KEY, int(now))
+        return watermark
+
+    def _record_dimensions(self, conn: sqlite3.Connection) -> None:
+        """Remember what each configured dimension's raw usage means, for usage a later release parks."""
+        now = int(self.clock.now())
+        conn.executemany(
+            "INSERT INTO dimensions (name, source, unit, raw_unit, updated_at) VALUES (?,?,?,?,?)"
+            " ON CONFLICT (name) DO UPDATE SET source = excluded.source, unit = excluded.unit,"
+            " raw_unit = excluded.raw_unit, updated_at = excluded.updated_at",
+            [(d.name, d.source, d.unit, d.raw_unit, now) for d in self.settings.dimensions],
+        )
 
     # ---- the writer thread -------------------------------------------------------------
 
@@ -333,15 +374,26 @@ class Store:
                 )
 
     def apply_deltas(self, conn: sqlite3.Connection, deltas: dict[BucketKey, Delta]) -> None:
-        """Add deltas to open buckets. A sealed bucket is never touched: that would be a bug."""
+        """Add deltas to open buckets. A sealed bucket is never touched: that would be a bug.
+
+        Usage keeps its unit: a delta whose dimension the running configuration lacks, or has with
+        another unit, is parked (never sent) instead of being billed with a unit it was not
+        measured in.
+        """
         if not deltas:
             return
-        units = self._raw_units
-        rows = [
-            (c, d, h, "unmapped" if c.startswith("tenant:") else "open", dl.raw, dl.events,
-             dl.carried_in, dl.first_event_at, units.get(d, 1))
-            for (c, d, h), dl in deltas.items()
-        ]
+        rows = []
+        now = int(self.clock.now())
+        for (c, d, h), dl in deltas.items():
+            problem = self.unbillable(d, dl.unit)
+            if problem is not None:
+                records.park(conn, customer=c, dimension=d, hour=h, unit=dl.unit, raw=dl.raw, events=dl.events,
+                             first_event_at=dl.first_event_at, reason=problem, now=now)
+                continue
+            rows.append((c, d, h, "unmapped" if c.startswith("tenant:") else "open", dl.raw, dl.events,
+                         dl.carried_in, dl.first_event_at, dl.unit))
+        if not rows:
+            return
         cur = conn.executemany(
             "INSERT INTO buckets (customer, dimension, hour, state, raw, events, carried_in,"
             " first_event_at, unit) VALUES (?,?,?,?,?,?,?,?,?)"
@@ -355,24 +407,47 @@ class Store:
         if cur.rowcount != len(rows):
             raise RuntimeError("refusing to add usage to a sealed bucket")
 
+    def unbillable(self, dimension: str, raw_unit: int) -> str | None:
+        """Why usage of `dimension` measured in `raw_unit` cannot be billed now, or None."""
+        dim = self._dims.get(dimension)
+        if dim is None:
+            return f"dimension {dimension!r} is not in the running configuration"
+        if dim.raw_unit != raw_unit:
+            return (f"dimension {dimension!r} is configured with {dim.raw_unit} raw units per unit;"
+                    f" this usage was measured with {raw_unit}")
+        return None
+
     # ---- sealing and tenant mapping ------------------------------------------------------
 
     def watermark(self, now: float) -> int:
         """Hours starting before this are sealed or due to be (never moves back)."""
         return sealing_watermark(now, self.settings.hour_grace_s, self._watermark)
 
-    def _seal(self, conn: sqlite3.Connection, *, through: int | None = None) -> int:
-        """Seal due hours; `through` also seals hours starting before it (shutdown seals the open hour)."""
+    def _seal(self, conn: sqlite3.Connection, *, through: int | None = None, final: bool = False) -> int:
+        """Seal due hours; `through` also seals hours starting before it (shutdown seals the open hour).
+
+        `final` (SIGTERM, `flush --once --final`) also settles remainders by `settle_remainders`.
+        """
         now = self.clock.now()
         watermark = max(self.watermark(now), through or 0)
         if self.settings.heartbeats:
             self._add_heartbeats(conn, sealed_before=self._watermark, watermark=watermark, now=now)
         rows = conn.execute(
-            "SELECT customer, dimension, hour, raw, unit FROM buckets"
+            "SELECT customer, dimension, hour, raw, unit, events, first_event_at FROM buckets"
             " WHERE state = 'open' AND hour < ? ORDER BY hour, customer, dimension",
             (watermark,),
         ).fetchall()
+        parked = 0
         for r in rows:
+            problem = self.unbillable(r["dimension"], r["unit"])
+            if problem is not None:  # e.g. a release dropped the dimension while its hour was open
+                records.park(conn, customer=r["customer"], dimension=r["dimension"], hour=r["hour"],
+                             unit=r["unit"], raw=r["raw"], events=r["events"], first_event_at=r["first_event_at"],
+                             reason=problem, now=int(now))
+                conn.execute("DELETE FROM buckets WHERE customer = ? AND dimension = ? AND hour = ?",
+                             (r["customer"], r["dimension"], r["hour"]))
+                parked += 1
+                continue
             carry_row = conn.execute(
                 "SELECT raw FROM carries WHERE customer = ? AND dimension = ?",
                 (r["customer"], r["dimension"]),
@@ -389,14 +464,72 @@ class Store:
                 " ON CONFLICT (customer, dimension) DO UPDATE SET raw = excluded.raw",
                 (r["customer"], r["dimension"], remainder),
             )
-        conn.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (WATERMARK_KEY, str(watermark)),
-        )
+        _set_meta(conn, WATERMARK_KEY, watermark)
+        _set_meta(conn, ALIVE_KEY, int(now))
+        if final:
+            self._settle_remainders(conn, sealed_before=watermark, now=int(now))
         self._on_commit.append(functools.partial(setattr, self, "_watermark", watermark))
         if rows:
-            log.info("hours_sealed", buckets=len(rows), sealed_before=watermark)
-        return len(rows)
+            log.info("hours_sealed", buckets=len(rows) - parked, parked=parked, sealed_before=watermark)
+        return len(rows) - parked
+
+    def _settle_remainders(self, conn: sqlite3.Connection, *, sealed_before: int, now: int) -> None:
+        """At a final seal: bill or give up each customer's remainder below one unit, by policy.
+
+        The database of a task usually dies with it, and a remainder left in it would never be
+        billed. The extra unit goes into the customer's latest bucket sealed (not yet frozen), or a
+        new bucket of the last sealed hour when the store may report that hour. Every settlement is
+        a row in `settlements` (for /metrics) and a log line.
+        """
+        policy = self.settings.settle_remainders
+        if policy == "keep":
+            return
+        last_hour = sealed_before - HOUR_S
+        first_hour = _meta_int(conn, FIRST_HOUR_KEY) or 0
+        for c in conn.execute(
+            "SELECT customer, dimension, raw FROM carries WHERE raw > 0 AND customer NOT LIKE 'tenant:%'"
+            " ORDER BY customer, dimension"
+        ).fetchall():
+            dim = self._dims.get(c["dimension"])
+            if dim is None:
+                log.error("remainder_left_unconfigured", customer=c["customer"], dimension=c["dimension"],
+                          raw=c["raw"], note="the dimension is not configured; the remainder stays in the database")
+                continue
+            units = settle_remainder(c["raw"], dim.raw_unit, policy)
+            assert units is not None
+            key = (c["customer"], c["dimension"])
+            target = conn.execute(
+                "SELECT hour, quantity FROM buckets WHERE customer = ? AND dimension = ? AND state = 'sealed'"
+                " ORDER BY hour DESC LIMIT 1", key).fetchone()
+            hour: int | None = None
+            if units and target is not None and target["quantity"] < MAX_QUANTITY:
+                hour = target["hour"]
+                conn.execute("UPDATE buckets SET quantity = quantity + 1, remainder = 0"
+                             " WHERE customer = ? AND dimension = ? AND hour = ?", (*key, hour))
+            elif units:
+                free = last_hour >= first_hour and conn.execute(
+                    "SELECT 1 FROM buckets WHERE customer = ? AND dimension = ? AND hour = ?",
+                    (*key, last_hour)).fetchone() is None
+                if not free:
+                    log.warning("remainder_kept", customer=key[0], dimension=key[1], raw=c["raw"],
+                                note="no hour this store may report can take the unit; it stays carried")
+                    continue
+                hour = last_hour
+                conn.execute(
+                    "INSERT INTO buckets (customer, dimension, hour, state, raw, events, carried_in, first_event_at,"
+                    " unit, remainder_in, quantity, remainder, sealed_at)"
+                    " VALUES (?,?,?, 'sealed', 0, 0, 0, ?, ?, ?, 1, 0, ?)",
+                    (*key, hour, hour, dim.raw_unit, c["raw"], now))
+            elif target is not None:
+                conn.execute("UPDATE buckets SET remainder = 0 WHERE customer = ? AND dimension = ? AND hour = ?",
+                             (*key, target["hour"]))
+            conn.execute("UPDATE carries SET raw = 0 WHERE customer = ? AND dimension = ?", key)
+            conn.execute(
+                "INSERT INTO settlements (customer, dimension, hour, raw, unit, units_added, policy, at)"
+                " VALUES (?,?,?,?,?,?,?,?)", (*key, hour, c["raw"], dim.raw_unit, units, policy, now))
+            log.warning("remainder_settled", customer=key[0], dimension=key[1], raw=c["raw"], unit=dim.raw_unit,
+                        billed_units=units, given_up_raw=0 if units else c["raw"],
+                        rounded_up_raw=dim.raw_unit - c["raw"] if units else 0, policy=policy)
 
     def _add_heartbeats(self, conn: sqlite3.Connection, *, sealed_before: int, watermark: int, now: float) -> None:
         """Zero buckets for idle hours of customers active in the last N hours (AWS's recommendation).
@@ -432,15 +565,22 @@ class Store:
         watermark = self.watermark(now)
         current = max(hour_start(now), watermark)
         deltas: dict[BucketKey, Delta] = {}
+        apply_later: list[tuple[BucketKey, Delta]] = []
         moved = conn.execute(
-            "SELECT dimension, hour, raw, events, carried_in, first_event_at FROM buckets"
-            " WHERE customer = ? AND state = 'unmapped'",
+            "SELECT dimension, hour, raw, events, carried_in, first_event_at, unit FROM buckets"
+            " WHERE customer = ? AND state = 'unmapped' ORDER BY hour",
             (src,),
         ).fetchall()
         for b in moved:
             late = b["hour"] < watermark
             hour = current if late else b["hour"]
-            d = deltas.setdefault((key, b["dimension"], hour), Delta(first_event_at=b["first_event_at"]))
+            k = (key, b["dimension"], hour)
+            d = deltas.get(k)
+            if d is not None and d.unit != b["unit"]:  # one release's unit vs another's: never mix
+                apply_later.append((k, d))
+                d = None
+            if d is None:
+                d = deltas[k] = Delta(unit=b["unit"], first_event_at=b["first_event_at"])
             d.raw += b["raw"]
             d.events += b["events"]
             d.carried_in += b["raw"] if late else b["carried_in"]
@@ -451,6 +591,8 @@ class Store:
             " WHERE customer = ?",
             (key, watermark, current, src),
         )
+        for k, d in apply_later:
+            self.apply_deltas(conn, {k: d})
         self.apply_deltas(conn, deltas)
         self._on_commit.append(functools.partial(self._tenants.__setitem__, tenant, key))
         if moved:
@@ -540,9 +682,19 @@ class Store:
             log.info("events_pruned", rows=total)
         return total
 
-    async def seal_through(self, before: int) -> int:
-        """Seal every open bucket of hours starting before `before` (used at shutdown)."""
-        return await self.run(lambda conn: self._seal(conn, through=before))
+    async def seal_through(self, before: int, *, final: bool = False) -> int:
+        """Seal every open bucket of hours starting before `before` (used at shutdown); `final` also
+        settles remainders by `settle_remainders` and reports the usage left behind."""
+        return await self.run(lambda conn: self._seal(conn, through=before, final=final))
+
+    @property
+    def guard(self) -> records.Guard:
+        """The guardrails every record is checked against when it is frozen or rebuilt."""
+        return records.Guard(dimensions=self._dims, spike_factor=self.settings.spike_factor)
+
+    def freeze(self, conn: sqlite3.Connection, *, now: float) -> int:
+        """Freeze sealed buckets into records (pending, or held by a guardrail)."""
+        return records.freeze(conn, now=now, product_code=self.settings.product_code, guard=self.guard)
 
     def seal_due_sync(self) -> int:
         """Blocking form of `seal_due`."""
@@ -552,19 +704,57 @@ class Store:
         """Map a tenant to a customer; returns how many unmapped buckets joined its buckets."""
         return await self.run(lambda conn: self._map_tenant(conn, tenant, ref, source))
 
-    def _replay(self, conn: sqlite3.Connection, *, states: Sequence[str], customer: str | None) -> dict[str, int]:
+    def check_rename(self, rename: Mapping[str, str]) -> None:
+        """Raise ValueError unless every OLD=NEW names a configured NEW that measures what OLD did."""
+        for old, new in rename.items():
+            dim = self._dims.get(new)
+            if dim is None:
+                raise ValueError(f"--dimension: {new!r} is not a configured dimension "
+                                 f"(configured: {', '.join(self._dims)})")
+            known = self.call(functools.partial(_dimension_source, name=old))
+            if known is not None and known != dim.source:
+                raise ValueError(f"--dimension: {old!r} measured {known}, {new!r} measures "
+                                 f"{dim.source}; usage cannot change what it measures")
+
+    def _replay(self, conn: sqlite3.Connection, *, states: Sequence[str], customer: str | None,
+                rename: Mapping[str, str]) -> dict[str, int]:
         now = self.clock.now()
         return records.replay(conn, states=states, now=now, window_s=self.settings.window_s,
-                              margin_s=self.settings.window_margin_s, customer=customer,
-                              watermark=self.watermark(now), apply_deltas=self.apply_deltas)
+                              margin_s=self.settings.window_margin_s, customer=customer_clause(customer),
+                              watermark=self.watermark(now), apply_deltas=self.apply_deltas, guard=self.guard,
+                              product_code=self.settings.product_code, rename=rename)
 
-    async def replay(self, *, states: Sequence[str], customer: str | None = None) -> dict[str, int]:
+    async def replay(self, *, states: Sequence[str], customer: str | None = None,
+                     rename: Mapping[str, str] | None = None) -> dict[str, int]:
         """Re-drive rejected, conflict or expired records (see records.replay); returns counts."""
-        return await self.run(functools.partial(self._replay, states=states, customer=customer))
+        self.check_rename(rename or {})
+        return await self.run(functools.partial(self._replay, states=states, customer=customer, rename=rename or {}))
 
-    def replay_sync(self, *, states: Sequence[str], customer: str | None = None) -> dict[str, int]:
+    def replay_sync(self, *, states: Sequence[str], customer: str | None = None,
+                    rename: Mapping[str, str] | None = None) -> dict[str, int]:
         """Blocking form of `replay`, for the CLI."""
-        return self.call(functools.partial(self._replay, states=states, customer=customer))
+        self.check_rename(rename or {})
+        return self.call(functools.partial(self._replay, states=states, customer=customer, rename=rename or {}))
+
+    def release_held_sync(self, *, customer: str | None = None, dimension: str | None = None,
+                          record_id: int | None = None, discard: bool = False) -> int:
+        """Send (or discard) records a guardrail held; returns how many."""
+        return self.call(lambda conn: records.release_held(
+            conn, customer=customer_clause(customer), dimension=dimension, record_id=record_id, discard=discard,
+            now=self.clock.now()))
+
+    def release_parked_sync(self, *, rename: Mapping[str, str], customer: str | None = None) -> int:
+        """Move parked (`unconfigured`) usage into configured dimensions (OLD=NEW); returns rows moved."""
+        self.check_rename(rename)
+
+        def run(conn: sqlite3.Connection) -> int:
+            now = self.clock.now()
+            return sum(records.release_parked(conn, dimension=old, into=self._dims[new],
+                                              customer=customer_clause(customer), now=now,
+                                              watermark=self.watermark(now), apply_deltas=self.apply_deltas)
+                       for old, new in rename.items())
+
+        return self.call(run)
 
     def close(self) -> None:
         """Finish queued work, then close the write connection."""
@@ -574,3 +764,23 @@ class Store:
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join()
+
+
+def _meta_int(conn: sqlite3.Connection, key: str) -> int | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return int(row[0]) if row else None
+
+
+def _set_meta(conn: sqlite3.Connection, key: str, value: int) -> None:
+    conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                 (key, str(value)))
+
+
+def customer_clause(text: str | None) -> tuple[str, list[Any]] | None:
+    """The exact-match SQL condition on `customer` for an operator's --customer value (None: any)."""
+    return None if text is None else queries.customer_clause(text, "customer")
+
+
+def _dimension_source(conn: sqlite3.Connection, *, name: str) -> str | None:
+    row = conn.execute("SELECT source FROM dimensions WHERE name = ?", (name,)).fetchone()
+    return None if row is None else str(row[0])

@@ -207,6 +207,7 @@ def test_usage_reaches_sidecar_and_marketplace_exactly(capsys: pytest.CaptureFix
     sidecar = Service("sidecar", [sys.executable, "-m", "sidecar", "serve"], log_dir=logs, env=clean_env(
         SIDECAR_DB=str(db), SIDECAR_LISTEN=f"127.0.0.1:{sidecar_port}", SIDECAR_HOUR_GRACE_S="5",
         SIDECAR_FLUSH_INTERVAL_S="2", SIDECAR_PRODUCT_CODE=PRODUCT_CODE, SIDECAR_LOG_FORMAT="json",
+        SIDECAR_BIRTH_HOUR="report",  # the simulator is new too: nothing else reported this hour
         AWS_REGION="us-east-1", AWS_ACCESS_KEY_ID="AKIAE2ETESTEXAMPLE", AWS_SECRET_ACCESS_KEY="e2e-not-a-secret",
         AWS_ENDPOINT_URL_MARKETPLACE_METERING=sim_url))
     model_dir = run_dir / "tiny-llama"

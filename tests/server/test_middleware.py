@@ -56,7 +56,9 @@ async def test_non_streaming_chat_gives_one_event_and_identical_bytes(
         "prompt_tokens": 3,
         "completion_tokens": 5,
         "cached_tokens": 2,
-        "gpu_seconds": 0.03,
+        "gpu_seconds": 0.029,  # TTFT 10 + 3 ms + generation 4 x 4 ms
+        "engine_start": "2025-10-09T08:55:23.471000+00:00",
+        "engine_end": "2025-10-09T08:55:23.500000+00:00",
         "finish": "length",
     }
 
@@ -101,7 +103,11 @@ async def test_stream_with_final_usage_chunk(make_settings: Callable[..., Meteri
     [event] = sink.events
     assert event["event_id"].startswith("cmpl-r~")
     assert (event["prompt_tokens"], event["completion_tokens"], event["finish"]) == (4, 6, "length")
-    assert event["gpu_seconds"] == 0.034
+    assert event["gpu_seconds"] == 0.029  # TTFT 10 + 4 ms + generation 5 x 4 ms
+    assert (event["engine_start"], event["engine_end"]) == (
+        "2025-10-09T08:55:23.471000+00:00",
+        "2025-10-09T08:55:23.500000+00:00",
+    )
 
 
 async def test_stream_without_usage_falls_back_to_request_metadata(

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import jsonschema
+import pytest
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,12 +19,18 @@ from vllm_metering.usage import (
     SseBodyReader,
     Usage,
     build_event,
+    engine_interval,
     gpu_seconds_from_metrics,
     make_event_id,
     rfc3339,
     usage_from_mapping,
     usage_from_object,
 )
+
+
+EVENT_SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "schema" / "usage-event.schema.json").read_text())
+# RFC 3339, UTC, microseconds: what the middleware writes (the schema's `time` pattern accepts it).
+RFC3339_MICROS = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}\+00:00")
 
 
 def _compact(value: object) -> bytes:
@@ -45,7 +55,14 @@ CHAT = {
         "total_tokens": 18,
         "prompt_tokens_details": {"cached_tokens": 4},
     },
-    "metrics": {"prefill_time_ms": 20.0, "decode_time_ms": 30.5},
+    "metrics": {
+        "time_to_first_token_ms": 20.0,
+        "generation_time_ms": 30.5,
+        "queue_time_ms": 3.0,
+        "mean_itl_ms": 5.0833,
+        "tokens_per_second": 138.6,
+        "speculative_decoding": None,
+    },
 }
 
 
@@ -72,7 +89,7 @@ STREAM = _sse(
         "model": "m2",
         "choices": [],
         "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
-        "metrics": {"inference_time_ms": 1500},
+        "metrics": {"time_to_first_token_ms": 250.0, "generation_time_ms": 1250.0, "queue_time_ms": 9.0},
     },
 )
 
@@ -194,13 +211,84 @@ def test_usage_from_vllm_usage_info_object() -> None:
     assert usage_from_object(None) is None
 
 
-def test_gpu_seconds_prefers_inference_time_then_prefill_plus_decode() -> None:
-    """The metrics keys are used in their documented order, and junk is ignored."""
-    assert gpu_seconds_from_metrics({"inference_time_ms": 100, "generation_time_ms": 5}) == 0.1
-    assert gpu_seconds_from_metrics({"prefill_time_ms": 10, "decode_time_ms": 20, "generation_time_ms": 5}) == 0.03
-    assert gpu_seconds_from_metrics({"generation_time_ms": 5}) == 0.005
-    assert gpu_seconds_from_metrics({"generation_time_ms": -5}) is None
+def test_gpu_seconds_is_prefill_plus_decode_without_queue() -> None:
+    """Engine time = time_to_first_token_ms + generation_time_ms; queue time and other keys are ignored."""
+    metrics = {"time_to_first_token_ms": 12.5, "generation_time_ms": 40.25, "queue_time_ms": 900.0,
+               "mean_itl_ms": 4.0, "tokens_per_second": 180.0}
+    assert gpu_seconds_from_metrics(metrics) == 0.05275
+
+
+def test_gpu_seconds_of_a_long_prompt_counts_its_prefill() -> None:
+    """A long prompt's prefill is billed: the result is well above generation_time_ms alone."""
+    metrics = {"time_to_first_token_ms": 480.0, "generation_time_ms": 6.0, "queue_time_ms": 1.0}
+    gpu = gpu_seconds_from_metrics(metrics)
+    assert gpu == 0.486
+    assert gpu > metrics["generation_time_ms"] / 1000
+
+
+def test_gpu_seconds_ignores_keys_vllm_does_not_have() -> None:
+    """Only vLLM 0.32's real field names count; invented ones never did and never will."""
+    assert gpu_seconds_from_metrics({"inference_time_ms": 100, "prefill_time_ms": 10, "decode_time_ms": 20}) is None
+    assert gpu_seconds_from_metrics({"inference_time_ms": 100, "time_to_first_token_ms": 1}) == 0.001
+
+
+def test_request_aborted_before_its_first_token_claims_no_engine_time() -> None:
+    """No time_to_first_token_ms (never produced a token): None, even with generation or queue time."""
+    assert gpu_seconds_from_metrics({"queue_time_ms": 50.0}) is None
+    assert gpu_seconds_from_metrics({"time_to_first_token_ms": None, "generation_time_ms": None,
+                                     "queue_time_ms": 50.0, "mean_itl_ms": None}) is None
+    assert gpu_seconds_from_metrics({"generation_time_ms": 5}) is None
+    assert gpu_seconds_from_metrics({}) is None
+
+
+def test_ttft_without_generation_time_is_the_ttft_alone() -> None:
+    """A first token but no measured decode (e.g. one output token reported without a last token): TTFT only."""
+    assert gpu_seconds_from_metrics({"time_to_first_token_ms": 7.5}) == 0.0075
+    assert gpu_seconds_from_metrics({"time_to_first_token_ms": 7.5, "generation_time_ms": None}) == 0.0075
+    assert gpu_seconds_from_metrics({"time_to_first_token_ms": 0, "generation_time_ms": 0}) == 0.0
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "5", True, [1]])
+@pytest.mark.parametrize("field", ["time_to_first_token_ms", "generation_time_ms"])
+def test_invalid_durations_give_no_engine_time(field: str, bad: object) -> None:
+    """A negative, non-finite or non-numeric duration makes the whole object untrusted: None."""
+    metrics = {"time_to_first_token_ms": 10.0, "generation_time_ms": 20.0, field: bad}
+    assert gpu_seconds_from_metrics(metrics) is None
+
+
+def test_gpu_seconds_without_a_metrics_object() -> None:
+    """No metrics object, or not a mapping: None."""
+    assert gpu_seconds_from_metrics(None) is None
     assert gpu_seconds_from_metrics("nope") is None
+    assert gpu_seconds_from_metrics([12.0, 3.0]) is None
+
+
+@given(st.floats(min_value=0, max_value=1e7, allow_nan=False), st.floats(min_value=0, max_value=1e7, allow_nan=False))
+def test_gpu_seconds_is_the_rounded_sum(ttft: float, generation: float) -> None:
+    """For any valid pair the result is their sum in seconds, to the microsecond."""
+    gpu = gpu_seconds_from_metrics({"time_to_first_token_ms": ttft, "generation_time_ms": generation})
+    assert gpu is not None
+    assert abs(gpu - (ttft + generation) / 1000) <= 0.5e-6 + 1e-9 * gpu
+
+
+def test_engine_interval_is_exactly_gpu_seconds_long() -> None:
+    """engine_end is the finish time to the microsecond; engine_end - engine_start == gpu_seconds."""
+    start, end = engine_interval(engine_end=1_760_000_123.5, gpu_seconds=0.486)
+    assert (start, end) == ("2025-10-09T08:55:23.014000+00:00", "2025-10-09T08:55:23.500000+00:00")
+
+
+@given(
+    st.floats(min_value=1.5e9, max_value=4e9, allow_nan=False),
+    st.integers(min_value=0, max_value=10_000_000 * 1_000_000),
+)
+def test_engine_interval_difference_is_exact(end: float, gpu_micros: int) -> None:
+    """Whatever the times, the two strings differ by exactly gpu_seconds (to the microsecond) and parse as UTC."""
+    gpu = round(gpu_micros / 1_000_000, 6)
+    start_text, end_text = engine_interval(engine_end=end, gpu_seconds=gpu)
+    assert RFC3339_MICROS.fullmatch(start_text) and RFC3339_MICROS.fullmatch(end_text)
+    start, finish = datetime.fromisoformat(start_text), datetime.fromisoformat(end_text)
+    assert finish - start == timedelta(microseconds=round(gpu * 1_000_000))
+    assert abs(finish.timestamp() - end) <= 1e-6
 
 
 def test_event_id_is_the_response_id_plus_a_unique_suffix() -> None:
@@ -250,3 +338,34 @@ def test_build_event_leaves_out_unknown_optional_fields() -> None:
         "prompt_tokens": 1,
         "completion_tokens": 2,
     }
+
+
+def test_build_event_with_engine_time_carries_its_interval() -> None:
+    """With gpu_seconds come engine_start/engine_end (ending at the finish), valid against the contract."""
+    event = build_event(
+        event_id="e2",
+        finished_at=1_760_000_123.5,
+        customer={"tenant": "t"},
+        usage=Usage(400, 2),
+        model="m",
+        finish="length",
+        gpu_seconds=0.486,
+    )
+    assert event["gpu_seconds"] == 0.486
+    assert event["engine_start"] == "2025-10-09T08:55:23.014000+00:00"
+    assert event["engine_end"] == "2025-10-09T08:55:23.500000+00:00"
+    assert event["time"] == "2025-10-09T08:55:23.500+00:00"
+    jsonschema.validate(event, EVENT_SCHEMA)
+    without = build_event(event_id="e3", finished_at=1_760_000_123.5, customer={"tenant": "t"},
+                          usage=Usage(1, 0), model=None, finish=None, gpu_seconds=None)
+    assert "engine_start" not in without and "engine_end" not in without
+    jsonschema.validate(without, EVENT_SCHEMA)
+
+
+def test_contract_takes_the_engine_interval_both_or_neither() -> None:
+    """The schema refuses engine_start without engine_end and the reverse."""
+    base = {"event_id": "e", "time": "2025-10-09T08:55:23.500+00:00", "customer": {"tenant": "t"},
+            "prompt_tokens": 1, "completion_tokens": 1, "gpu_seconds": 0.5}
+    for alone in ("engine_start", "engine_end"):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**base, alone: "2025-10-09T08:55:23.000000+00:00"}, EVENT_SCHEMA)
