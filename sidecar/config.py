@@ -67,6 +67,20 @@ class Dimension:
     unit: int  # how many source units (tokens, requests, seconds) make one billed unit
     max_quantity: int | None = None  # ceiling of one record (billed units); None: the source's default
     spike_floor: int | None = None  # the spike rule ignores quantities up to this; None: the source's default
+    mode: str | None = None  # gpu_seconds only: fair_share (default), engine_time or dedicated
+    customer: CustomerRef | str | None = None  # dedicated: who is billed (a customer, or a tenant name)
+
+    @property
+    def gpu_mode(self) -> str | None:
+        """What a GPU-hour means for a gpu_seconds dimension (None for other sources)."""
+        if self.source != "gpu_seconds":
+            return None
+        return self.mode or "fair_share"
+
+    @property
+    def per_event(self) -> bool:
+        """Whether each event's own amount feeds the bucket (False: the sidecar measures GPU time itself)."""
+        return self.gpu_mode in (None, "engine_time")
 
     @property
     def raw_unit(self) -> int:
@@ -88,11 +102,7 @@ class Dimension:
         return _units_ceil(DEFAULT_SPIKE_FLOOR_RAW[self.source], self.raw_unit)
 
 
-DEFAULT_DIMENSIONS = (
-    Dimension(name="inference-requests", source="count", unit=1),
-    Dimension(name="tokens-processed", source="total_tokens", unit=1000),
-    Dimension(name="gpu-hours", source="gpu_seconds", unit=3600),
-)
+GPU_MODES = ("fair_share", "engine_time", "dedicated")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,6 +148,13 @@ class CustomerRef:
         )
 
 
+DEFAULT_DIMENSIONS = (
+    Dimension(name="inference-requests", source="count", unit=1),
+    Dimension(name="tokens-processed", source="total_tokens", unit=1000),
+    Dimension(name="gpu-hours", source="gpu_seconds", unit=3600, mode="fair_share"),
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Every setting of the sidecar. Built by `load_settings`; tests construct it directly."""
@@ -169,6 +186,7 @@ class Settings:
     spike_factor: float = 10.0
     settle_remainders: Literal["half_up", "up", "down", "keep"] = "half_up"
     birth_hour: Literal["defer", "report"] = "defer"
+    gpus: int = 1
     dry_run: bool = False
     log_level: str = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -210,6 +228,7 @@ ENV_SETTINGS: Mapping[str, str] = {
     "SIDECAR_SETTLE_REMAINDERS": "settle_remainders",
     "SIDECAR_BIRTH_HOUR": "birth_hour",
     "SIDECAR_CUSTOMERS": "customers_json",
+    "SIDECAR_GPUS": "gpus",
     "SIDECAR_DRY_RUN": "dry_run",
     "SIDECAR_LOG_LEVEL": "log_level",
     "SIDECAR_LOG_FORMAT": "log_format",
@@ -233,6 +252,7 @@ _KINDS: Mapping[str, type] = {
     "heartbeats": bool,
     "heartbeat_hours": int,
     "spike_factor": float,
+    "gpus": int,
     "dry_run": bool,
 }
 
@@ -247,7 +267,7 @@ _CHOICES: Mapping[str, tuple[str, ...]] = {
 
 _POSITIVE = ("max_body_bytes", "max_queued_events", "max_event_age_s", "retention_s", "flush_interval_s",
              "calls_per_s", "window_s", "connect_timeout_s", "read_timeout_s", "max_backoff_s",
-             "shutdown_deadline_s", "heartbeat_hours")
+             "shutdown_deadline_s", "heartbeat_hours", "gpus")
 _NON_NEGATIVE = ("hour_grace_s", "window_margin_s", "spike_factor")
 
 
@@ -400,7 +420,7 @@ def _parse_dimensions(value: Any) -> tuple[Dimension, ...]:
         where = f"dimensions[{i}]"
         if not isinstance(item, Mapping):
             raise ConfigError(f"{where}: must be a table")
-        extra = set(item) - {"name", "source", "unit", "max_quantity", "spike_floor"}
+        extra = set(item) - {"name", "source", "unit", "max_quantity", "spike_floor", "mode", "customer"}
         if extra:
             raise ConfigError(f"{where}: unknown key(s) {sorted(extra)}")
         limits: dict[str, int] = {}
@@ -419,8 +439,34 @@ def _parse_dimensions(value: Any) -> tuple[Dimension, ...]:
             raise ConfigError(f"{where}.unit: must be a whole number >= 1")
         if any(d.name == name for d in dims):
             raise ConfigError(f"{where}.name: {name!r} is configured twice")
-        dims.append(Dimension(name=name, source=str(source), unit=unit, **limits))
+        mode, customer = _gpu_mode(item, where, source=str(source))
+        dims.append(Dimension(name=name, source=str(source), unit=unit, mode=mode, customer=customer, **limits))
     return tuple(dims)
+
+
+def _gpu_mode(item: Mapping[str, Any], where: str, *, source: str) -> tuple[str | None, CustomerRef | str | None]:
+    """A gpu_seconds dimension's `mode` and, for `dedicated`, its `customer` (a tenant name or a table)."""
+    mode, customer = item.get("mode"), item.get("customer")
+    if source != "gpu_seconds":
+        if mode is not None or customer is not None:
+            raise ConfigError(f"{where}.mode: only a gpu_seconds dimension has a mode")
+        return None, None
+    mode = "fair_share" if mode is None else mode
+    if mode not in GPU_MODES:
+        raise ConfigError(f"{where}.mode: must be one of {', '.join(GPU_MODES)}")
+    if mode != "dedicated":
+        if customer is not None:
+            raise ConfigError(f"{where}.customer: only a dedicated dimension names its customer")
+        return mode, None
+    if isinstance(customer, str) and 1 <= len(customer) <= 256 and not re.search(r"[\x00-\x1f\x7f]", customer):
+        return mode, customer
+    if isinstance(customer, Mapping):
+        try:
+            return mode, CustomerRef.parse(customer, where=f"{where}.customer")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    raise ConfigError(f"{where}.customer: a dedicated dimension needs its customer: a tenant name, or "
+                      "{ customer_identifier = ... } or { aws_account_id = ..., license_arn = ... }")
 
 
 def _parse_customers(value: Any, *, where: str) -> dict[str, CustomerRef]:

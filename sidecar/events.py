@@ -22,7 +22,7 @@ RFC3339 = re.compile(
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 KNOWN_FIELDS = frozenset(
     {"event_id", "time", "customer", "model", "prompt_tokens", "completion_tokens",
-     "cached_tokens", "gpu_seconds", "finish"}
+     "cached_tokens", "gpu_seconds", "finish", "engine_start", "engine_end"}
 )
 
 
@@ -40,6 +40,8 @@ class UsageEvent:
     cached_tokens: int | None
     gpu_micros: int | None
     finish: str | None
+    engine_start_us: int | None = None  # the request's engine interval (epoch µs, the vLLM host's clock)
+    engine_end_us: int | None = None
 
     def source_amount(self, source: str) -> int:
         """This event's raw amount for a dimension source (GPU time in microseconds)."""
@@ -176,21 +178,21 @@ def _remember(cache: dict[Any, T], key: Any, value: T) -> T:
     return value
 
 
-def parse_time(value: Any) -> float:
-    """An RFC 3339 timestamp with an offset, as epoch seconds."""
+def parse_time(value: Any, name: str = "time") -> float:
+    """An RFC 3339 timestamp with an offset, as epoch seconds; errors name the field `name`."""
     if isinstance(value, str):
         cached = _TIME_CACHE.get(value)
         if cached is not None:
             return cached
-        return _remember(_TIME_CACHE, value, _parse_time(value))
-    return _parse_time(value)
+        return _remember(_TIME_CACHE, value, _parse_time(value, name))
+    return _parse_time(value, name)
 
 
-def _parse_time(value: Any) -> float:
+def _parse_time(value: Any, name: str) -> float:
     if not isinstance(value, str):
-        raise InvalidEvent("time", "must be an RFC 3339 string with an offset")
+        raise InvalidEvent(name, "must be an RFC 3339 string with an offset")
     if not RFC3339.match(value):
-        raise InvalidEvent("time", "must be RFC 3339 with an offset, e.g. 2026-11-28T10:00:00Z")
+        raise InvalidEvent(name, "must be RFC 3339 with an offset, e.g. 2026-11-28T10:00:00Z")
     text = value.upper().replace("Z", "+00:00")
     dot = text.find(".")
     if dot > 0 and text[dot + 7:dot + 8].isdigit():  # fromisoformat takes at most 6 fractional digits
@@ -201,7 +203,26 @@ def _parse_time(value: Any) -> float:
     try:
         return datetime.fromisoformat(text).timestamp()
     except ValueError:
-        raise InvalidEvent("time", "is not a real date and time") from None
+        raise InvalidEvent(name, "is not a real date and time") from None
+
+
+def _engine_interval(obj: Mapping[str, Any], *, now: float, max_future_s: int) -> tuple[int | None, int | None]:
+    """`engine_start` and `engine_end` (both or neither) as epoch microseconds."""
+    start, end = obj.get("engine_start"), obj.get("engine_end")
+    if start is None and end is None:
+        return None, None
+    if start is None or end is None:
+        raise InvalidEvent("engine_start" if start is None else "engine_end",
+                           "is required when the other end of the engine interval is given")
+    start_us = round(parse_time(start, "engine_start") * 1_000_000)
+    end_us = round(parse_time(end, "engine_end") * 1_000_000)
+    if end_us < start_us:
+        raise InvalidEvent("engine_end", "must not be before engine_start")
+    if end_us - start_us > MAX_GPU_SECONDS * 1_000_000:
+        raise InvalidEvent("engine_end", f"must be at most {MAX_GPU_SECONDS:.0f} s after engine_start")
+    if end_us > (now + max_future_s) * 1_000_000:
+        raise InvalidEvent("engine_end", f"is more than {max_future_s} s in the future")
+    return start_us, end_us
 
 
 def parse_customer(value: Any) -> tuple[CustomerRef | None, str | None]:
@@ -270,6 +291,7 @@ def validate_event(obj: Any, *, now: float, max_age_s: int, max_future_s: int) -
         if gpu > MAX_GPU_SECONDS:
             raise InvalidEvent("gpu_seconds", f"must be <= {MAX_GPU_SECONDS:.0f}")
         gpu_micros = round(gpu * 1_000_000)
+    engine_start_us, engine_end_us = _engine_interval(obj, now=now, max_future_s=max_future_s)
     return UsageEvent(
         event_id=event_id,
         time=when,
@@ -281,6 +303,8 @@ def validate_event(obj: Any, *, now: float, max_age_s: int, max_future_s: int) -
         cached_tokens=cached,
         gpu_micros=gpu_micros,
         finish=finish,
+        engine_start_us=engine_start_us,
+        engine_end_us=engine_end_us,
     )
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from sidecar.clock import HOUR_S, hour_start
 from sidecar.config import MAX_QUANTITY, Dimension
@@ -60,6 +61,8 @@ def add_event(
     """Add one event's usage to the per-bucket deltas, one entry per dimension it has usage for."""
     when = int(event.time)
     for dim in dimensions:
+        if not dim.per_event:  # fair_share / dedicated GPU time is measured by the sidecar, not summed
+            continue
         amount = event.source_amount(dim.source)
         if amount == 0 and dim.source != "count":
             continue
@@ -119,3 +122,97 @@ def settle_remainder(raw: int, raw_unit: int, policy: str) -> int | None:
     if policy == "down":
         return 0
     raise ValueError(f"unknown remainder policy {policy!r}")
+
+
+# ---- GPU time ------------------------------------------------------------------------------
+
+K = TypeVar("K", bound=Hashable)
+HOUR_US = HOUR_S * 1_000_000
+
+
+def engine_interval(event: UsageEvent) -> tuple[int, int] | None:
+    """The event's engine interval in epoch µs: its own `engine_start`/`engine_end`, else the
+    `gpu_seconds` that ended at the event's `time` (older producers); None without GPU time."""
+    if event.engine_start_us is not None and event.engine_end_us is not None:
+        return event.engine_start_us, event.engine_end_us
+    if event.gpu_micros:
+        end = round(event.time * 1_000_000)
+        return end - event.gpu_micros, end
+    return None
+
+
+def fair_shares(intervals: Sequence[tuple[K, int, int]], *, gpus: int) -> tuple[dict[K, int], int]:
+    """Split the GPU wall time the intervals cover among the intervals running at each moment.
+
+    Each moment's time (x `gpus`) is shared evenly by the requests in the engine then: vLLM steps
+    every running sequence once per iteration. Returns µs per key and the total, which is exactly
+    the union of the intervals x `gpus`; the per-key amounts add up to it exactly (largest
+    remainder rounding), so customers are never billed more GPU time than passed.
+    """
+    live = [(k, a, b) for k, a, b in intervals if b > a]
+    if not live:
+        return {}, 0
+    bounds = sorted({t for _, a, b in live for t in (a, b)})
+    at = {t: i for i, t in enumerate(bounds)}
+    change = [0] * len(bounds)
+    for _, a, b in live:
+        change[at[a]] += 1
+        change[at[b]] -= 1
+    cumulative = [0.0] * len(bounds)  # share of one running interval from bounds[0] to bounds[i]
+    running = union = 0
+    for i in range(len(bounds) - 1):
+        running += change[i]
+        length = bounds[i + 1] - bounds[i]
+        if running:
+            union += length
+            cumulative[i + 1] = cumulative[i] + length / running
+        else:
+            cumulative[i + 1] = cumulative[i]
+    total = union * gpus
+    exact: dict[K, float] = {}
+    for k, a, b in live:
+        exact[k] = exact.get(k, 0.0) + (cumulative[at[b]] - cumulative[at[a]]) * gpus
+    return _apportion(exact, total), total
+
+
+def _apportion(exact: dict[K, float], total: int) -> dict[K, int]:
+    """Whole amounts close to `exact` that add up to `total` exactly (largest remainder)."""
+    whole = {k: max(0, int(v)) for k, v in exact.items()}
+    left = total - sum(whole.values())
+    order = sorted(exact, key=lambda k: exact[k] - whole[k], reverse=True)
+    i = 0
+    while left > 0:
+        whole[order[i % len(order)]] += 1
+        left -= 1
+        i += 1
+    order.reverse()
+    while left < 0:  # float sums may overshoot by a µs
+        k = order[i % len(order)]
+        if whole[k] > 0:
+            whole[k] -= 1
+            left += 1
+        i += 1
+    return whole
+
+
+def uncovered_us(start: int, end: int, covered: Iterable[tuple[int, int]]) -> int:
+    """How much of [start, end) none of the `covered` intervals covers (µs)."""
+    pieces = sorted((max(a, start), min(b, end)) for a, b in covered if b > start and a < end and b > a)
+    free, at = 0, start
+    for a, b in pieces:
+        if a > at:
+            free += a - at
+        at = max(at, b)
+    return free + max(0, end - at)
+
+
+def hour_pieces(start: int, end: int) -> list[tuple[int, int, int]]:
+    """[start, end) in µs cut at UTC hour boundaries: (hour start in s, piece start, piece end)."""
+    out = []
+    at = start
+    while at < end:
+        hour_us = at // HOUR_US * HOUR_US
+        stop = min(end, hour_us + HOUR_US)
+        out.append((hour_us // 1_000_000, at, stop))
+        at = stop
+    return out

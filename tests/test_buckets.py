@@ -14,7 +14,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from sidecar.clock import HOUR_S, ManualClock, hour_start
-from sidecar.config import CustomerRef, Settings
+from sidecar.config import DEFAULT_DIMENSIONS, CustomerRef, Dimension, Settings
 from sidecar.events import UsageEvent, validate_event
 from sidecar.store import Store
 
@@ -151,6 +151,8 @@ def test_config_customers_are_applied_at_start(tmp_path: Path, clock: ManualCloc
 
 # ---- the conservation property -------------------------------------------------------------
 
+ENGINE_TIME_DIMENSIONS = (*DEFAULT_DIMENSIONS[:2], Dimension(name="gpu-hours", source="gpu_seconds", unit=3600,
+                                                                mode="engine_time"))
 CUSTOMERS = [{"customer_identifier": "c1"}, {"customer_identifier": "c2"}, {"tenant": "t1"}, {"tenant": "t2"}]
 step = st.one_of(
     st.tuples(st.just("event"), st.integers(0, 40), st.sampled_from(range(len(CUSTOMERS))),
@@ -168,7 +170,8 @@ def test_conservation_property(steps: list[tuple[Any, ...]]) -> None:
     """For any events (duplicates, late, several customers), bucket units × unit + remainders = usage."""
     with tempfile.TemporaryDirectory() as tmp:
         clock = ManualClock(T0)
-        s = Settings(db_path=Path(tmp) / "db", birth_hour="report")
+        # engine_time: each event's own GPU time is summed (test_gpu_time.py covers fair_share).
+        s = Settings(db_path=Path(tmp) / "db", birth_hour="report", dimensions=ENGINE_TIME_DIMENSIONS)
         store = Store.open(s.db_path, settings=s, clock=clock)
         expected: dict[tuple[str, str], int] = defaultdict(int)
         seen: dict[str, tuple[dict[str, Any], float]] = {}

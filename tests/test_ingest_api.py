@@ -37,8 +37,14 @@ async def test_single_event_is_stored_and_counted(client: TestClient[Any, Any], 
     n, sums = stored(settings)
     assert n == 1
     assert sums == {("identifier:cust-a", "inference-requests"): 1,
-                    ("identifier:cust-a", "tokens-processed"): 15,
-                    ("identifier:cust-a", "gpu-hours"): 1_500_000}
+                    ("identifier:cust-a", "tokens-processed"): 15}
+    # gpu-hours (fair_share) is measured from the engine interval when its hour seals.
+    conn = sqlite3.connect(settings.db_path)
+    try:
+        (start, end), = conn.execute("SELECT start_us, end_us FROM engine_intervals").fetchall()
+    finally:
+        conn.close()
+    assert end - start == 1_500_000
 
 
 async def test_array_and_ndjson_bodies(client: TestClient[Any, Any], settings: Settings) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from flushkit import PRODUCT
-from helpers import T0, event
+from helpers import T0, event, rfc3339
 from structlog.testing import capture_logs
 
 from sidecar.app import FLUSHER, create_app, shutdown_flush
@@ -174,9 +174,11 @@ async def test_remainders_at_sigterm_follow_the_policy(tmp_path: Path, policy: s
     what is rounded up or given up is a settlement row, a metric and a log line."""
     async with simulator() as (sim, url, clock), \
             task(task_settings(tmp_path / "r.db", birth_hour="report", settle_remainders=policy), clock, url) as c:
-        await post(c, [event("a", when=clock.now() - 30, prompt=1333, completion=0, gpu_seconds=1140.0),
-                       event("b", when=clock.now() - 20, prompt=1333, completion=0, gpu_seconds=1140.0),
-                       event("c", when=clock.now() - 10, prompt=1333, completion=0, gpu_seconds=1140.0)])
+        # Three requests one after the other, 1,140 s of engine time each: 3,420 GPU-seconds.
+        end = clock.now() - 10
+        await post(c, [event(n, when=end, prompt=1333, completion=0, gpu_seconds=1140.0,
+                             engine_start=rfc3339(end - 1140 * (i + 1)), engine_end=rfc3339(end - 1140 * i))
+                       for i, n in enumerate("abc")])
         with capture_logs() as logs:
             await shutdown_flush(c.app, 5.0)
         assert billed(sim) == {H10: 3}

@@ -22,6 +22,9 @@ from sidecar.simulator import SimulatorConfig
 
 SEALED = H09 + HOUR_S + 400  # 09:00 is past its grace
 CUSTOMER = {"customer_identifier": "cust-gpu"}
+# Each request's own engine time, so one event's 2 GPU-hours land in its hour (test_gpu_time.py covers
+# fair_share); the unit rules are the same in every mode.
+DIMENSIONS = (*DEFAULT_DIMENSIONS[:2], Dimension(name="gpu-hours", source="gpu_seconds", unit=3600, mode="engine_time"))
 NEXT_RELEASE = (
     Dimension(name="inference-requests", source="count", unit=1),
     Dimension(name="tokens-1k", source="total_tokens", unit=1000),
@@ -73,8 +76,8 @@ async def outage_then_new_release(tmp_path: Path):  # type: ignore[no-untyped-de
     """2 GPU-hours and 13,000 tokens stay pending through an AWS outage; the next release drops
     gpu-hours and renames tokens-processed; the records' window closes."""
     listing = frozenset({"inference-requests", "tokens-processed", "gpu-hours", "tokens-1k"})
-    k = await make_kit(tmp_path, sim_config=SimulatorConfig(subscribe_all=True, product_code=PRODUCT,
-                                                            allowed_dimensions=listing))
+    k = await make_kit(tmp_path, dimensions=DIMENSIONS, sim_config=SimulatorConfig(
+        subscribe_all=True, product_code=PRODUCT, allowed_dimensions=listing))
     try:
         k.ingest(event("g1", when=H09 + 60, customer=CUSTOMER, prompt=8000, completion=5000, gpu_seconds=7200.0))
         k.clock.set(SEALED)
@@ -131,7 +134,7 @@ async def test_parked_usage_is_released_into_a_configured_dimension_with_its_uni
 
 async def test_unmapped_usage_of_a_dropped_dimension_is_parked_when_mapped(tmp_path: Path) -> None:
     """A tenant mapped in a release that dropped gpu-hours: its GPU time is parked, not billed as raw µs."""
-    k = await make_kit(tmp_path)
+    k = await make_kit(tmp_path, dimensions=DIMENSIONS)
     try:
         k.ingest(event("t1", when=k.clock.now() - 30, customer={"tenant": "acme"}, gpu_seconds=5400.0))
         new_release(k, NEXT_RELEASE)
@@ -150,7 +153,7 @@ async def test_unmapped_usage_of_a_dropped_dimension_is_parked_when_mapped(tmp_p
 
 async def test_open_bucket_of_a_dropped_dimension_is_parked_at_sealing(tmp_path: Path) -> None:
     """A release that drops a dimension mid-hour: the open bucket is parked when the hour seals."""
-    k = await make_kit(tmp_path)
+    k = await make_kit(tmp_path, dimensions=DIMENSIONS)
     try:
         k.ingest(event("o1", when=k.clock.now() - 30, customer=CUSTOMER, gpu_seconds=60.0))
         new_release(k, NEXT_RELEASE)
@@ -168,7 +171,7 @@ async def test_open_bucket_of_a_dropped_dimension_is_parked_at_sealing(tmp_path:
 async def test_the_unit_bug_would_end_held(tmp_path: Path) -> None:
     """With section 1's unit bug reintroduced (raw GPU µs in a unit-1 bucket, 13,000 tokens as units),
     the records are held by the ceiling and the spike rule: nothing absurd reaches AWS."""
-    k = await make_kit(tmp_path)
+    k = await make_kit(tmp_path, dimensions=DIMENSIONS)
     try:
         # History: an hour earlier the customer used 13 token units and 2 GPU-hours, billed.
         k.clock.set(H09 - HOUR_S + 120)

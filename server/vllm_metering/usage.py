@@ -102,7 +102,7 @@ class _Invalid:
 _INVALID = _Invalid()
 
 
-def _milliseconds(metrics: Mapping[str, Any], key: str) -> float | None | _Invalid:
+def _milliseconds(metrics: Mapping[str, Any], key: str) -> float | _Invalid | None:
     """A duration field: None when absent or null, `_INVALID` when not a finite number >= 0."""
     value = metrics.get(key)
     if value is None:

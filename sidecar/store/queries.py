@@ -212,6 +212,13 @@ def left_behind(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v}
 
 
+def gpu_time(conn: sqlite3.Connection, *, since_hour: int) -> list[dict[str, Any]]:
+    """Per hour and GPU dimension since `since_hour`: the GPU wall time the task had, and what it billed (µs)."""
+    return [dict(r) for r in conn.execute(
+        "SELECT hour, dimension, mode, wall_us, billed_us FROM gpu_time WHERE hour >= ? ORDER BY hour, dimension",
+        (since_hour,))]
+
+
 def settlements(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """Remainders settled at final seals, per customer and dimension: raw rounded up and given up."""
     return [dict(r) for r in conn.execute(

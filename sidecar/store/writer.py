@@ -24,12 +24,24 @@ from typing import Any, TypeVar
 import structlog
 
 from sidecar.clock import HOUR_S, Clock, hour_start
-from sidecar.config import MAX_QUANTITY, CustomerRef, Settings
+from sidecar.config import MAX_QUANTITY, CustomerRef, Dimension, Settings
 from sidecar.errors import StoreBusy, StoreClosed
 from sidecar.events import UsageEvent
 from sidecar.store import queries, records
 from sidecar.store.db import _unavailable, check_integrity, connect, migrate
-from sidecar.usage import BucketKey, Delta, add_event, sealing_watermark, settle_remainder, target_hour, whole_units
+from sidecar.usage import (
+    BucketKey,
+    Delta,
+    add_event,
+    engine_interval,
+    fair_shares,
+    hour_pieces,
+    sealing_watermark,
+    settle_remainder,
+    target_hour,
+    uncovered_us,
+    whole_units,
+)
 
 log = structlog.get_logger("sidecar.store")
 
@@ -38,6 +50,7 @@ MAX_GROUP_EVENTS = 20_000  # cap on events merged into one group commit
 WATERMARK_KEY = "sealed_before"
 ALIVE_KEY = "alive_at"  # last time a process owned this file (updated at every sealing pass)
 FIRST_HOUR_KEY = "first_hour"  # the earliest hour this store may start a new bucket in
+DEDICATED_KEY = "dedicated_from_us"  # dedicated GPU time is billed up to here
 PRUNE_MARGIN_S = 3600
 
 
@@ -112,6 +125,9 @@ class Store:
         self._conn: sqlite3.Connection | None = None
         self._tenants: dict[str, str] = {}
         self._dims = {d.name: d for d in settings.dimensions}
+        self._gpu_dims = [d for d in settings.dimensions if d.gpu_mode is not None]
+        self._fair_dims = [d for d in self._gpu_dims if d.gpu_mode == "fair_share"]
+        self._dedicated_dims = [d for d in self._gpu_dims if d.gpu_mode == "dedicated"]
         self._on_commit: list[Callable[[], object]] = []  # in-memory updates to apply once committed
         self._queued_events = 0  # events handed to the writer and not yet committed or failed
         self._queued_lock = threading.Lock()
@@ -177,6 +193,7 @@ class Store:
             log.info("store_birth", last_alive_at=alive, reports_from_hour=first,
                      note="usage of the current hour goes into the next hour's record")
         _set_meta(conn, ALIVE_KEY, int(now))
+        _set_meta(conn, DEDICATED_KEY, round(now * 1_000_000))  # a dedicated task bills from its start
         return watermark
 
     def _record_dimensions(self, conn: sqlite3.Connection) -> None:
@@ -214,9 +231,7 @@ class Store:
                     break
                 group.append(nxt)
                 n += len(nxt.events)
-            self._run_group(conn, group)
-            with self._queued_lock:
-                self._queued_events -= n
+            self._run_group(conn, group, queued=n)
             if pending is None:
                 break
             if isinstance(pending, _Job):
@@ -247,10 +262,15 @@ class Store:
         else:
             _settle([(job, result, None)])
 
-    def _run_group(self, conn: sqlite3.Connection, group: list[_Job]) -> None:
-        """Ingest several requests in one transaction; each request in its own savepoint."""
+    def _run_group(self, conn: sqlite3.Connection, group: list[_Job], *, queued: int) -> None:
+        """Ingest several requests in one transaction; each request in its own savepoint.
+
+        The `queued` events stop counting against backpressure before any caller is answered, so a
+        client that retries right after its answer is never refused for its own earlier request.
+        """
         group = [j for j in group if j.wanted()]
         if not group:
+            self._unqueue(queued)
             return
         started = time.perf_counter()
         results: list[Outcome] = []
@@ -293,11 +313,14 @@ class Store:
         except sqlite3.OperationalError as exc:
             err = _unavailable(exc)
             log.warning("ingest_commit_failed", error=str(exc), requests=len(group), disk_full=err.disk_full)
+            self._unqueue(queued)
             _settle([(job, None, err) for job in group])
             return
         except BaseException as exc:
+            self._unqueue(queued)
             _settle([(job, None, exc) for job in group])
             return
+        self._unqueue(queued)
         _settle(results)
         if self.on_group is not None:
             self.on_group(len(group))
@@ -324,6 +347,7 @@ class Store:
         new_customers: dict[str, CustomerRef | str] = {}
         rows = []
         results = []
+        intervals: list[tuple[str, str, int, int, int]] = []  # event id, customer, start µs, end µs, time s
         for events in batches:
             accepted = 0
             for ev in events:
@@ -344,6 +368,10 @@ class Store:
                 rows.append((ev.event_id, int(ev.time), now_s, customer, ev.tenant, hour, ev.model,
                              ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens, ev.gpu_micros, ev.finish))
                 add_event(deltas, ev, customer=customer, hour=hour, late=late, dimensions=self.settings.dimensions)
+                if self._gpu_dims:
+                    span = engine_interval(ev)
+                    if span is not None:
+                        intervals.append((ev.event_id, customer, span[0], span[1], int(ev.time)))
             results.append(IngestResult(accepted=accepted, duplicates=len(events) - accepted))
         conn.executemany(
             "INSERT INTO events (event_id, time, received_at, customer, tenant, hour, model,"
@@ -353,6 +381,8 @@ class Store:
         )
         self._ensure_customers(conn, new_customers)
         self.apply_deltas(conn, deltas)
+        if intervals:
+            self._record_intervals(conn, intervals, now=now, watermark=watermark)
         self._pending_customers.update(new_customers)
         return results
 
@@ -432,6 +462,9 @@ class Store:
         watermark = max(self.watermark(now), through or 0)
         if self.settings.heartbeats:
             self._add_heartbeats(conn, sealed_before=self._watermark, watermark=watermark, now=now)
+        if self._gpu_dims:
+            self._share_gpu_time(conn, watermark=watermark)
+            self._tick_dedicated(conn, now=now)
         rows = conn.execute(
             "SELECT customer, dimension, hour, raw, unit, events, first_event_at FROM buckets"
             " WHERE state = 'open' AND hour < ? ORDER BY hour, customer, dimension",
@@ -448,6 +481,9 @@ class Store:
                              (r["customer"], r["dimension"], r["hour"]))
                 parked += 1
                 continue
+            dim = self._dims[r["dimension"]]
+            if dim.gpu_mode == "engine_time":
+                _add_gpu_time(conn, r["hour"], dim, billed_us=r["raw"])
             carry_row = conn.execute(
                 "SELECT raw FROM carries WHERE customer = ? AND dimension = ?",
                 (r["customer"], r["dimension"]),
@@ -472,6 +508,109 @@ class Store:
         if rows:
             log.info("hours_sealed", buckets=len(rows) - parked, parked=parked, sealed_before=watermark)
         return len(rows) - parked
+
+    # ---- GPU time -------------------------------------------------------------------------
+
+    def _record_intervals(self, conn: sqlite3.Connection, intervals: list[tuple[str, str, int, int, int]], *,
+                          now: float, watermark: int) -> None:
+        """Keep new engine intervals for `fair_share`. The part of one that lies in sealed hours
+        (a late event, or the hour a store was born in) is billed at once as the GPU time no stored
+        interval covers, in the open hour: time already shared out is never billed again."""
+        wm_us = watermark * 1_000_000
+        late = [iv for iv in intervals if iv[2] < wm_us]
+        conn.executemany(
+            "INSERT INTO engine_intervals (event_id, customer, start_us, end_us, pending_from_us) VALUES (?,?,?,?,?)",
+            [(e, c, a, b, a) for e, c, a, b, _ in intervals if a >= wm_us])
+        open_hour = max(hour_start(now), watermark)
+        deltas: dict[BucketKey, Delta] = {}
+        for event_id, customer, a, b, when in late:
+            stop = min(b, wm_us)
+            covered = conn.execute("SELECT start_us, end_us FROM engine_intervals WHERE end_us > ? AND start_us < ?",
+                                   (a, stop)).fetchall()
+            free = uncovered_us(a, stop, [(r[0], r[1]) for r in covered]) * self.settings.gpus
+            conn.execute("INSERT INTO engine_intervals (event_id, customer, start_us, end_us, pending_from_us)"
+                         " VALUES (?,?,?,?,?)", (event_id, customer, a, b, stop))
+            if not free:
+                continue
+            for dim in self._gpu_dims:
+                if dim.gpu_mode == "dedicated":
+                    continue
+                fair = dim.gpu_mode == "fair_share"
+                _add_gpu_time(conn, open_hour, dim, wall_us=free, billed_us=free if fair else 0)
+                if not fair:
+                    continue
+                d = deltas.setdefault((customer, dim.name, open_hour), Delta(unit=dim.raw_unit, first_event_at=when))
+                d.raw += free
+                d.carried_in += free
+                d.events += 1
+                d.first_event_at = min(d.first_event_at, when)
+        self.apply_deltas(conn, deltas)
+
+    def _share_gpu_time(self, conn: sqlite3.Connection, *, watermark: int) -> None:
+        """Share out the GPU wall time of every hour about to be sealed among the requests that ran
+        in it (`fair_share`), and record each hour's wall time (all GPU dimensions)."""
+        wm_us = watermark * 1_000_000
+        rows = conn.execute(
+            "SELECT customer, start_us, end_us, pending_from_us FROM engine_intervals"
+            " WHERE pending_from_us < end_us AND pending_from_us < ?", (wm_us,)).fetchall()
+        if not rows:
+            return
+        by_hour: dict[int, list[tuple[str, int, int]]] = {}
+        for r in rows:
+            for hour, a, b in hour_pieces(r["pending_from_us"], min(r["end_us"], wm_us)):
+                by_hour.setdefault(hour, []).append((r["customer"], a, b))
+        deltas: dict[BucketKey, Delta] = {}
+        for hour, pieces in sorted(by_hour.items()):
+            shares, total = fair_shares(pieces, gpus=self.settings.gpus)
+            counts: dict[str, int] = {}
+            for customer, _, _ in pieces:
+                counts[customer] = counts.get(customer, 0) + 1
+            for dim in self._gpu_dims:
+                if dim.gpu_mode == "dedicated":
+                    continue
+                fair = dim.gpu_mode == "fair_share"
+                _add_gpu_time(conn, hour, dim, wall_us=total, billed_us=total if fair else 0)
+                if not fair:
+                    continue
+                for customer, share in shares.items():
+                    deltas[(customer, dim.name, hour)] = Delta(unit=dim.raw_unit, raw=share, events=counts[customer],
+                                                               first_event_at=hour)
+        conn.execute("UPDATE engine_intervals SET pending_from_us = min(end_us, ?)"
+                     " WHERE pending_from_us < end_us AND pending_from_us < ?", (wm_us, wm_us))
+        self.apply_deltas(conn, deltas)
+
+    def _tick_dedicated(self, conn: sqlite3.Connection, *, now: float) -> None:
+        """Bill a dedicated task's GPU wall time since the last tick to its customer, hour by hour
+        (idle time included). Only this process's own run time counts, so a restart never bills an
+        hour twice; the time between the last tick and a crash is not billed."""
+        if not self._dedicated_dims:
+            return
+        now_us = round(now * 1_000_000)
+        since = _meta_int(conn, DEDICATED_KEY) or now_us
+        if since >= now_us:
+            return
+        open_hour = max(hour_start(now), self.watermark(now))
+        deltas: dict[BucketKey, Delta] = {}
+        for dim in self._dedicated_dims:
+            who = dim.customer
+            if isinstance(who, CustomerRef):
+                key = who.key
+                self._ensure_customers(conn, {key: who})
+            else:
+                assert who is not None
+                key = self._tenants.get(who) or f"tenant:{who}"
+                if key.startswith("tenant:"):
+                    self._ensure_customers(conn, {key: who})
+            for hour, a, b in hour_pieces(since, now_us):
+                amount = (b - a) * self.settings.gpus
+                late = hour < self._watermark
+                target = open_hour if late else hour
+                d = deltas.setdefault((key, dim.name, target), Delta(unit=dim.raw_unit, first_event_at=a // 1_000_000))
+                d.raw += amount
+                d.carried_in += amount if late else 0
+                _add_gpu_time(conn, target, dim, wall_us=amount, billed_us=amount)
+        _set_meta(conn, DEDICATED_KEY, now_us)
+        self.apply_deltas(conn, deltas)
 
     def _settle_remainders(self, conn: sqlite3.Connection, *, sealed_before: int, now: int) -> None:
         """At a final seal: bill or give up each customer's remainder below one unit, by policy.
@@ -591,6 +730,7 @@ class Store:
             " WHERE customer = ?",
             (key, watermark, current, src),
         )
+        conn.execute("UPDATE engine_intervals SET customer = ? WHERE customer = ?", (key, src))
         for k, d in apply_later:
             self.apply_deltas(conn, {k: d})
         self.apply_deltas(conn, deltas)
@@ -621,6 +761,10 @@ class Store:
         fut: asyncio.Future[T] = loop.create_future()
         self._queue.put(_Job(fn=fn, afuture=fut, loop=loop))
         return await fut
+
+    def _unqueue(self, n: int) -> None:
+        with self._queued_lock:
+            self._queued_events -= n
 
     def _admit(self, n: int) -> None:
         """Count events into the writer's queue, or refuse them when it is already full (backpressure)."""
@@ -668,6 +812,10 @@ class Store:
             # event validated a moment ago may still be queued behind this prune.
             (now - self.settings.retention_s, now - self.settings.max_event_age_s - PRUNE_MARGIN_S, limit),
         )
+        conn.execute(
+            "DELETE FROM engine_intervals WHERE event_id IN (SELECT event_id FROM engine_intervals"
+            " WHERE end_us < ? AND pending_from_us >= end_us LIMIT ?)",
+            (round((now - self.settings.max_event_age_s - PRUNE_MARGIN_S) * 1_000_000), limit))
         return cur.rowcount
 
     async def prune(self, *, batch: int = 1000, max_batches: int = 20) -> int:
@@ -784,3 +932,11 @@ def customer_clause(text: str | None) -> tuple[str, list[Any]] | None:
 def _dimension_source(conn: sqlite3.Connection, *, name: str) -> str | None:
     row = conn.execute("SELECT source FROM dimensions WHERE name = ?", (name,)).fetchone()
     return None if row is None else str(row[0])
+
+
+def _add_gpu_time(conn: sqlite3.Connection, hour: int, dim: Dimension, *, wall_us: int = 0, billed_us: int = 0) -> None:
+    conn.execute(
+        "INSERT INTO gpu_time (hour, dimension, mode, wall_us, billed_us) VALUES (?,?,?,?,?)"
+        " ON CONFLICT (hour, dimension) DO UPDATE SET wall_us = wall_us + excluded.wall_us,"
+        " billed_us = billed_us + excluded.billed_us",
+        (hour, dim.name, dim.gpu_mode, wall_us, billed_us))

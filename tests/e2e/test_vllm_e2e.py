@@ -6,7 +6,9 @@ by vLLM on the CPU, `python -m sidecar serve` on a fresh database, and `sidecar 
 as AWS. The test checks three ledgers against each other: what vLLM told each client, what the
 sidecar stored per customer, and vLLM's own Prometheus counters; then it stops everything the way
 ECS would (vLLM first, then the sidecar, whose shutdown flush bills the open hour) and checks what
-the simulated Marketplace billed.
+the simulated Marketplace billed. vLLM runs with `--enable-per-request-metrics`, so every finished
+request's stored GPU time must equal the `time_to_first_token_ms + generation_time_ms` of the
+`metrics` its client received (prefill included), one near-max-length prompt included.
 """
 
 from __future__ import annotations
@@ -41,11 +43,14 @@ VLLM_PYTHON = VLLM_VENV / "bin" / "python"
 PRODUCT_CODE = "prod-e2etest0001"
 TENANTS = {"tenant-a": "cust-a", "tenant-b": "cust-b", "tenant-c": "cust-c"}
 TENANT_HEADER = "x-tenant-id"
-REQUESTS = 24  # including the one abandoned stream
+REQUESTS = 24  # including the one abandoned stream; the long-prompt request comes on top
 ABANDON_MAX_TOKENS = 400
 ABANDON_AFTER_CHUNKS = 3
 VLLM_START_TIMEOUT_S = 180.0
 DELIVERY_TIMEOUT_S = 60.0
+MAX_MODEL_LEN = 512
+LONG_PROMPT_MAX_TOKENS = 4
+LONG_PROMPT_TOKENS = MAX_MODEL_LEN - LONG_PROMPT_MAX_TOKENS - 8  # the most that fits, with a little slack
 
 _WORDS = ("the", "sidecar", "reports", "usage", "to", "AWS", "every", "hour", "and", "the", "meter", "counts",
           "tokens", "for", "each", "customer", "while", "vLLM", "streams", "requests", "exactly", "once")
@@ -62,8 +67,10 @@ class Call:
     max_tokens: int
     prompt_words: int
     abandon: bool = False
+    prompt: str | None = None  # a prompt made to measure (the long one); else prompt_for() makes one
     response_id: str | None = None
     usage: dict[str, int] | None = None  # final usage, or for an abandoned stream the last one seen
+    metrics: dict[str, Any] | None = None  # vLLM's per-request `metrics` (JSON body or final usage chunk)
     chunks: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -91,7 +98,9 @@ def plan_calls() -> list[Call]:
 
 
 def prompt_for(call: Call) -> str:
-    """A prompt of roughly 40–290 tokens, different for every request."""
+    """A prompt of roughly 40–290 tokens, different for every request (or the call's own prompt)."""
+    if call.prompt is not None:
+        return call.prompt
     words = [_WORDS[(call.n * 7 + i * 3) % len(_WORDS)] for i in range(call.prompt_words)]
     return f"Request {call.n}: " + " ".join(words)
 
@@ -119,7 +128,7 @@ async def send(session: aiohttp.ClientSession, base: str, call: Call) -> None:
             raise AssertionError(f"request {call.n} answered {resp.status}: {await resp.text()}")
         if not call.stream:
             data = await resp.json()
-            call.response_id, call.usage = data["id"], data["usage"]
+            call.response_id, call.usage, call.metrics = data["id"], data["usage"], data.get("metrics")
             return
         async for raw in resp.content:
             line = raw.decode().strip()
@@ -130,9 +139,33 @@ async def send(session: aiohttp.ClientSession, base: str, call: Call) -> None:
             if chunk.get("usage"):
                 call.usage = chunk["usage"]
                 call.chunks += 1
+            if chunk.get("metrics"):  # only on the final usage chunk
+                call.metrics = chunk["metrics"]
             if call.abandon and call.chunks >= ABANDON_AFTER_CHUNKS:
                 resp.close()  # drop the connection mid-stream, as a client that gives up does
                 return
+
+
+def long_prompt_call(base: str, n: int, tenant: str) -> Call:
+    """A completion whose prompt is the longest that fits max-model-len (measured with /tokenize), short answer.
+
+    Its prefill is most of its engine time: the check that gpu_seconds includes prefill cannot pass
+    by accident on it.
+    """
+
+    def text(words: int) -> str:
+        return f"Long request {n}: " + " ".join(_WORDS[(i * 5) % len(_WORDS)] for i in range(words))
+
+    def tokens(words: int) -> int:
+        return int(http_json("POST", base + "/tokenize", {"model": "tiny", "prompt": text(words)})["count"])
+
+    low, high = 1, LONG_PROMPT_TOKENS  # at least one token per word, so `high` words never fit
+    while high - low > 1:  # the most words whose prompt fits in LONG_PROMPT_TOKENS
+        middle = (low + high) // 2
+        low, high = (middle, high) if tokens(middle) <= LONG_PROMPT_TOKENS else (low, middle)
+    assert tokens(low) > LONG_PROMPT_TOKENS - 20, (low, tokens(low))
+    return Call(n=n, tenant=tenant, path="/v1/completions", stream=False, max_tokens=LONG_PROMPT_MAX_TOKENS,
+                prompt_words=low, prompt=text(low))
 
 
 async def send_all(base: str, calls: list[Call]) -> None:
@@ -214,8 +247,9 @@ def test_usage_reaches_sidecar_and_marketplace_exactly(capsys: pytest.CaptureFix
     vllm = Service("vllm", [
         str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
         "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(vllm_port),
-        "--max-model-len", "512", "--enforce-eager",
+        "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
         "--middleware", "vllm_metering.middleware.UsageMiddleware", "--enable-force-include-usage",
+        "--enable-per-request-metrics",
     ], log_dir=logs, env=clean_env(
         VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
         DO_NOT_TRACK="1", METERING_SIDECAR_URL=sidecar_url, METERING_TENANT_HEADERS=TENANT_HEADER,
@@ -245,6 +279,12 @@ def test_usage_reaches_sidecar_and_marketplace_exactly(capsys: pytest.CaptureFix
         t = time.monotonic()
         asyncio.run(send_all(vllm_url, calls))
         timings["requests_s"] = time.monotonic() - t
+        # Alone afterwards, so its TTFT is its own prefill rather than time shared with the batch.
+        long_call = long_prompt_call(vllm_url, len(calls), list(TENANTS)[1])
+        t = time.monotonic()
+        asyncio.run(send_all(vllm_url, [long_call]))
+        timings["long_prompt_request_s"] = time.monotonic() - t
+        calls.append(long_call)
         usage, timings["delivery_wait_s"] = wait_for_events(sidecar_url, len(calls))
         status, metrics_text = http("GET", vllm_url + "/metrics")
         assert status == 200
@@ -267,20 +307,24 @@ def test_usage_reaches_sidecar_and_marketplace_exactly(capsys: pytest.CaptureFix
         events = read_events(db)
         check_client_vs_sidecar(calls, usage, events)
         tokens_note = check_sidecar_vs_prometheus(calls, events, prom)
+        gpu_note = check_gpu_seconds(calls, events, long_call)
         check_marketplace_billing(calls, billed, db)
+        fair_note = check_fair_share(db)
 
     timings["test_wall_s"] = time.monotonic() - began
     (run_dir / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     with capsys.disabled():
         print("\n[e2e] " + "  ".join(f"{k}={v:.1f}" for k, v in timings.items()))
         print(f"[e2e] {tokens_note}; logs and database in {run_dir}")
+        print(f"[e2e] {gpu_note}")
+        print(f"[e2e] {fair_note}")
 
 
 def read_events(db: Path) -> dict[str, dict[str, Any]]:
     """The sidecar's stored events keyed by event_id (read from the file once the daemon has stopped)."""
     with store_mod.reader(db) as conn:
-        rows = conn.execute("SELECT event_id, tenant, customer, prompt_tokens, completion_tokens, finish"
-                            " FROM events").fetchall()
+        rows = conn.execute("SELECT event_id, tenant, customer, prompt_tokens, completion_tokens, finish,"
+                            " gpu_micros FROM events").fetchall()
     return {r["event_id"]: dict(r) for r in rows}
 
 
@@ -357,11 +401,69 @@ def check_sidecar_vs_prometheus(calls: list[Call], events: dict[str, dict[str, A
             f" ({unsent:.0f} generated for the abandoned stream after its client left, never sent)")
 
 
+def check_gpu_seconds(calls: list[Call], events: dict[str, dict[str, Any]], long_call: Call) -> str:
+    """Each finished request's stored GPU time = its TTFT + generation time as vLLM told the client.
+
+    The event's gpu_seconds is rounded to the microsecond by the middleware and stored as integer
+    microseconds by the sidecar: they agree to 1 µs. The abandoned stream never got its final usage
+    chunk, so it has no metrics and no GPU time.
+    """
+    for call in calls:
+        ev = event_of(call, events)
+        if call.abandon:
+            assert call.metrics is None and ev["gpu_micros"] is None, (call, ev)
+            continue
+        metrics = call.metrics
+        assert metrics is not None, f"request {call.n} got no metrics: is --enable-per-request-metrics on?"
+        ttft, generation = metrics["time_to_first_token_ms"], metrics["generation_time_ms"]
+        assert ttft > 0 and generation >= 0, (call.n, metrics)
+        assert ev["gpu_micros"] is not None, (call.n, ev)
+        assert abs(ev["gpu_micros"] - (ttft + generation) * 1000) <= 1, (call.n, metrics, ev)
+    metrics = long_call.metrics
+    assert metrics is not None and long_call.usage is not None
+    ev = event_of(long_call, events)
+    assert long_call.usage["prompt_tokens"] > LONG_PROMPT_TOKENS - 20, long_call.usage
+    assert ev["gpu_micros"] > metrics["generation_time_ms"] * 1000, (metrics, ev)  # prefill is billed
+    finished = [c for c in calls if not c.abandon]
+    total_s = sum(event_of(c, events)["gpu_micros"] for c in finished) / 1e6
+    generation_s = sum(c.metrics["generation_time_ms"] for c in finished if c.metrics) / 1000
+    return (f"gpu: {len(finished)} requests, {total_s:.3f} s engine time (generation alone {generation_s:.3f} s); "
+            f"long prompt {long_call.usage['prompt_tokens']} tokens + {long_call.usage['completion_tokens']}: "
+            f"ttft {metrics['time_to_first_token_ms']:.1f} ms + generation {metrics['generation_time_ms']:.1f} ms"
+            f" = gpu_seconds {ev['gpu_micros'] / 1e6:.6f}")
+
+
+def check_fair_share(db: Path) -> str:
+    """gpu-hours (fair_share): the customers' GPU time adds up to the GPU wall time while the real
+    vLLM's requests ran (the union of their engine intervals), not to the sum of their engine times."""
+    with store_mod.reader(db) as conn:
+        spans = [(r[0], r[1]) for r in conn.execute("SELECT start_us, end_us FROM engine_intervals")]
+        billed = conn.execute("SELECT coalesce(sum(raw), 0) FROM buckets WHERE dimension = 'gpu-hours'").fetchone()[0]
+    assert spans, "no engine intervals were stored"
+    first, last = min(a for a, _ in spans), max(b for _, b in spans)
+    busy = 0
+    at = first
+    for a, b in sorted(spans):
+        if b > at:
+            busy += b - max(a, at)
+            at = b
+    summed = sum(b - a for a, b in spans)
+    assert billed == busy, (billed, busy)
+    assert busy <= last - first and busy < summed  # concurrent requests overlapped in the engine
+    return (f"gpu-hours fair_share: billed {billed / 1e6:.3f} GPU-s = wall time busy {busy / 1e6:.3f} s"
+            f" (sum of engine times {summed / 1e6:.3f} s)")
+
+
 def check_marketplace_billing(calls: list[Call], billed: list[dict[str, Any]], db: Path) -> None:
-    """After the shutdown flush every bucket is sent, and billed units + carried remainder = usage."""
+    """After the shutdown flush every bucket is sent, and billed units + carried remainder = usage.
+
+    The shutdown's final seal settles each remainder by SIDECAR_SETTLE_REMAINDERS (default `half_up`):
+    what it rounded up is in the billed units, what it gave up is not, both are in `settlements`.
+    """
     with store_mod.reader(db) as conn:
         rows = [dict(r) for r in store_mod.usage_rows(conn, store_mod.UsageFilter())]
         totals = store_mod.usage_totals(conn, store_mod.UsageFilter())
+        settled = {(s["customer"], s["dimension"]): s for s in store_mod.queries.settlements(conn)}
     assert rows and all(r["state"] == "sent" for r in rows), [(r["customer"], r["dimension"], r["state"]) for r in rows]
     quantity: Counter[tuple[str, str]] = Counter()
     for rec in billed:
@@ -369,7 +471,9 @@ def check_marketplace_billing(calls: list[Call], billed: list[dict[str, Any]], d
     for t in totals:
         key = (t["customer"], t["dimension"])
         raw = sum(r["raw"] for r in rows if (r["customer"], r["dimension"]) == key)
-        assert quantity[key] * t["unit_raw"] + t["carry_raw"] == raw, (key, quantity[key], t)
+        settlement = settled.get(key, {"rounded_up": 0, "given_up": 0})
+        accounted = quantity[key] * t["unit_raw"] + t["carry_raw"] + settlement["given_up"] - settlement["rounded_up"]
+        assert accounted == raw, (key, quantity[key], t, settlement)
     requests = Counter(f"identifier:{TENANTS[c.tenant]}" for c in calls)
     for customer, n in requests.items():
         assert quantity[(customer, "inference-requests")] == n

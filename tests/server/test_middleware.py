@@ -103,9 +103,9 @@ async def test_stream_with_final_usage_chunk(make_settings: Callable[..., Meteri
     [event] = sink.events
     assert event["event_id"].startswith("cmpl-r~")
     assert (event["prompt_tokens"], event["completion_tokens"], event["finish"]) == (4, 6, "length")
-    assert event["gpu_seconds"] == 0.029  # TTFT 10 + 4 ms + generation 5 x 4 ms
+    assert event["gpu_seconds"] == 0.034  # TTFT 10 + 4 ms + generation 5 x 4 ms
     assert (event["engine_start"], event["engine_end"]) == (
-        "2025-10-09T08:55:23.471000+00:00",
+        "2025-10-09T08:55:23.466000+00:00",
         "2025-10-09T08:55:23.500000+00:00",
     )
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,7 +25,6 @@ from vllm_metering.usage import (
     usage_from_mapping,
     usage_from_object,
 )
-
 
 EVENT_SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "schema" / "usage-event.schema.json").read_text())
 # RFC 3339, UTC, microseconds: what the middleware writes (the schema's `time` pattern accepts it).
@@ -213,8 +211,13 @@ def test_usage_from_vllm_usage_info_object() -> None:
 
 def test_gpu_seconds_is_prefill_plus_decode_without_queue() -> None:
     """Engine time = time_to_first_token_ms + generation_time_ms; queue time and other keys are ignored."""
-    metrics = {"time_to_first_token_ms": 12.5, "generation_time_ms": 40.25, "queue_time_ms": 900.0,
-               "mean_itl_ms": 4.0, "tokens_per_second": 180.0}
+    metrics = {
+        "time_to_first_token_ms": 12.5,
+        "generation_time_ms": 40.25,
+        "queue_time_ms": 900.0,
+        "mean_itl_ms": 4.0,
+        "tokens_per_second": 180.0,
+    }
     assert gpu_seconds_from_metrics(metrics) == 0.05275
 
 
@@ -235,8 +238,12 @@ def test_gpu_seconds_ignores_keys_vllm_does_not_have() -> None:
 def test_request_aborted_before_its_first_token_claims_no_engine_time() -> None:
     """No time_to_first_token_ms (never produced a token): None, even with generation or queue time."""
     assert gpu_seconds_from_metrics({"queue_time_ms": 50.0}) is None
-    assert gpu_seconds_from_metrics({"time_to_first_token_ms": None, "generation_time_ms": None,
-                                     "queue_time_ms": 50.0, "mean_itl_ms": None}) is None
+    assert (
+        gpu_seconds_from_metrics(
+            {"time_to_first_token_ms": None, "generation_time_ms": None, "queue_time_ms": 50.0, "mean_itl_ms": None}
+        )
+        is None
+    )
     assert gpu_seconds_from_metrics({"generation_time_ms": 5}) is None
     assert gpu_seconds_from_metrics({}) is None
 
@@ -356,16 +363,29 @@ def test_build_event_with_engine_time_carries_its_interval() -> None:
     assert event["engine_end"] == "2025-10-09T08:55:23.500000+00:00"
     assert event["time"] == "2025-10-09T08:55:23.500+00:00"
     jsonschema.validate(event, EVENT_SCHEMA)
-    without = build_event(event_id="e3", finished_at=1_760_000_123.5, customer={"tenant": "t"},
-                          usage=Usage(1, 0), model=None, finish=None, gpu_seconds=None)
+    without = build_event(
+        event_id="e3",
+        finished_at=1_760_000_123.5,
+        customer={"tenant": "t"},
+        usage=Usage(1, 0),
+        model=None,
+        finish=None,
+        gpu_seconds=None,
+    )
     assert "engine_start" not in without and "engine_end" not in without
     jsonschema.validate(without, EVENT_SCHEMA)
 
 
 def test_contract_takes_the_engine_interval_both_or_neither() -> None:
     """The schema refuses engine_start without engine_end and the reverse."""
-    base = {"event_id": "e", "time": "2025-10-09T08:55:23.500+00:00", "customer": {"tenant": "t"},
-            "prompt_tokens": 1, "completion_tokens": 1, "gpu_seconds": 0.5}
+    base = {
+        "event_id": "e",
+        "time": "2025-10-09T08:55:23.500+00:00",
+        "customer": {"tenant": "t"},
+        "prompt_tokens": 1,
+        "completion_tokens": 1,
+        "gpu_seconds": 0.5,
+    }
     for alone in ("engine_start", "engine_end"):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate({**base, alone: "2025-10-09T08:55:23.000000+00:00"}, EVENT_SCHEMA)
