@@ -204,49 +204,58 @@ async def test_the_unit_bug_would_end_held(tmp_path: Path) -> None:
         await k.close()
 
 
-async def test_held_record_is_visible_and_sent_only_after_release(tmp_path: Path) -> None:
+@pytest.fixture
+async def held(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """7 requests against a ceiling of 5: the 09:00 record is frozen as held."""
+    dims = (Dimension(name="inference-requests", source="count", unit=1, max_quantity=5),)
+    k = await make_kit(tmp_path, dimensions=dims)
+    try:
+        k.ingest(*[event(f"r{i}", when=H09 + 60, customer=CUSTOMER) for i in range(7)])
+        k.clock.set(SEALED)
+        await k.flusher.flush_once()
+        yield k
+    finally:
+        await k.close()
+
+
+async def test_held_record_is_visible_and_sent_only_after_release(held: Kit) -> None:
     """A record over its dimension's ceiling is held: /usage, /healthz and /metrics show it; `sidecar
-    release --state held` sends it; `--discard` would have ended it expired."""
-    dims = (Dimension(name="inference-requests", source="count", unit=1, max_quantity=5),)
-    k = await make_kit(tmp_path, dimensions=dims)
-    try:
-        k.ingest(*[event(f"r{i}", when=H09 + 60, customer=CUSTOMER) for i in range(7)])
-        k.clock.set(SEALED)
-        await k.flusher.flush_once()
-        assert k.states() == {"held": 1}
-        assert billed(k, "inference-requests") == {}
-        usage, health, metrics = await app_view(k)
-        assert [r["state"] for r in usage["rows"]] == ["held"]
-        assert usage["rows"][0]["hold_rule"].startswith("ceiling: quantity 7")
-        assert health["held_records"] == 1 and health["status"] == "degraded"
-        assert health["oldest_pending_age_s"] is not None
-        assert 'sidecar_records{state="held"} 1.0' in metrics
-        await k.flusher.flush_once()
-        assert billed(k, "inference-requests") == {}  # still held
-        k.store.close()
-        assert main(["release", "--state", "held", "--customer", "cust-gpu"],
-                    env={"SIDECAR_DB": str(k.settings.db_path)}) == 0
-        k.reopen()
-        await k.flusher.flush_once()
-        assert billed(k, "inference-requests") == {H09: 7}
-        assert k.states() == {"sent": 1}
-    finally:
-        await k.close()
+    release --state held` sends it."""
+    k = held
+    assert k.states() == {"held": 1}
+    assert billed(k, "inference-requests") == {}
+    usage, health, metrics = await app_view(k)
+    assert [r["state"] for r in usage["rows"]] == ["held"]
+    assert usage["rows"][0]["hold_rule"].startswith("ceiling: quantity 7")
+    assert health["held_records"] == 1 and health["status"] == "degraded"
+    assert health["oldest_pending_age_s"] is not None
+    assert 'sidecar_records{state="held"} 1.0' in metrics
+    await k.flusher.flush_once()
+    assert billed(k, "inference-requests") == {}  # still held
+    k.store.close()
+    assert main(["release", "--state", "held", "--customer", "cust-gpu"],
+                env={"SIDECAR_DB": str(k.settings.db_path)}) == 0
+    k.reopen()
+    await k.flusher.flush_once()
+    assert billed(k, "inference-requests") == {H09: 7}
+    assert k.states() == {"sent": 1}
 
 
-async def test_held_record_is_carried_by_the_window_rule(tmp_path: Path) -> None:
+async def test_held_record_can_be_discarded(held: Kit) -> None:
+    """`sidecar release --state held --discard` ends the record expired: visible, never billed."""
+    held.store.close()
+    assert main(["release", "--state", "held", "--discard"], env={"SIDECAR_DB": str(held.settings.db_path)}) == 0
+    held.reopen()
+    await held.flusher.flush_once()
+    assert held.states() == {"expired": 1}
+    assert billed(held, "inference-requests") == {}
+
+
+async def test_held_record_is_carried_by_the_window_rule(held: Kit) -> None:
     """Nobody releases a held record: at window close it is carried like any never-sent record."""
-    dims = (Dimension(name="inference-requests", source="count", unit=1, max_quantity=5),)
-    k = await make_kit(tmp_path, dimensions=dims)
-    try:
-        k.ingest(*[event(f"r{i}", when=H09 + 60, customer=CUSTOMER) for i in range(7)])
-        k.clock.set(SEALED)
-        await k.flusher.flush_once()
-        k.clock.set(H09 + 24 * HOUR_S)
-        await k.flusher.flush_once()
-        assert k.states()["carried"] == 1
-    finally:
-        await k.close()
+    held.clock.set(H09 + 24 * HOUR_S)
+    await held.flusher.flush_once()
+    assert held.states()["carried"] == 1
 
 
 def test_spike_rule_compares_with_the_customers_history() -> None:

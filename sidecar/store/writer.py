@@ -530,20 +530,9 @@ class Store:
             free = uncovered_us(a, stop, [(r[0], r[1]) for r in covered]) * self.settings.gpus
             conn.execute("INSERT INTO engine_intervals (event_id, customer, start_us, end_us, pending_from_us)"
                          " VALUES (?,?,?,?,?)", (event_id, customer, a, b, stop))
-            if not free:
-                continue
-            for dim in self._gpu_dims:
-                if dim.gpu_mode == "dedicated":
-                    continue
-                fair = dim.gpu_mode == "fair_share"
-                _add_gpu_time(conn, open_hour, dim, wall_us=free, billed_us=free if fair else 0)
-                if not fair:
-                    continue
-                d = deltas.setdefault((customer, dim.name, open_hour), Delta(unit=dim.raw_unit, first_event_at=when))
-                d.raw += free
-                d.carried_in += free
-                d.events += 1
-                d.first_event_at = min(d.first_event_at, when)
+            if free:
+                self._account_gpu(conn, deltas, hour=open_hour, total_us=free, shares={customer: (free, 1)},
+                                  late=True, when=when)
         self.apply_deltas(conn, deltas)
 
     def _share_gpu_time(self, conn: sqlite3.Connection, *, watermark: int) -> None:
@@ -565,19 +554,29 @@ class Store:
             counts: dict[str, int] = {}
             for customer, _, _ in pieces:
                 counts[customer] = counts.get(customer, 0) + 1
-            for dim in self._gpu_dims:
-                if dim.gpu_mode == "dedicated":
-                    continue
-                fair = dim.gpu_mode == "fair_share"
-                _add_gpu_time(conn, hour, dim, wall_us=total, billed_us=total if fair else 0)
-                if not fair:
-                    continue
-                for customer, share in shares.items():
-                    deltas[(customer, dim.name, hour)] = Delta(unit=dim.raw_unit, raw=share, events=counts[customer],
-                                                               first_event_at=hour)
+            self._account_gpu(conn, deltas, hour=hour, total_us=total, late=False, when=hour,
+                              shares={c: (share, counts[c]) for c, share in shares.items()})
         conn.execute("UPDATE engine_intervals SET pending_from_us = min(end_us, ?)"
                      " WHERE pending_from_us < end_us AND pending_from_us < ?", (wm_us, wm_us))
         self.apply_deltas(conn, deltas)
+
+    def _account_gpu(self, conn: sqlite3.Connection, deltas: dict[BucketKey, Delta], *, hour: int, total_us: int,
+                     shares: Mapping[str, tuple[int, int]], late: bool, when: int) -> None:
+        """Record `total_us` of GPU wall time for `hour` (every non-dedicated GPU dimension) and add
+        each customer's (µs, requests) share to the fair_share dimensions' buckets of that hour."""
+        for dim in self._gpu_dims:
+            if dim.gpu_mode == "dedicated":
+                continue
+            fair = dim.gpu_mode == "fair_share"
+            _add_gpu_time(conn, hour, dim, wall_us=total_us, billed_us=total_us if fair else 0)
+            if not fair:
+                continue
+            for customer, (amount, requests) in shares.items():
+                d = deltas.setdefault((customer, dim.name, hour), Delta(unit=dim.raw_unit, first_event_at=when))
+                d.raw += amount
+                d.events += requests
+                d.carried_in += amount if late else 0
+                d.first_event_at = min(d.first_event_at, when)
 
     def _tick_dedicated(self, conn: sqlite3.Connection, *, now: float) -> None:
         """Bill a dedicated task's GPU wall time since the last tick to its customer, hour by hour
