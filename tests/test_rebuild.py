@@ -168,3 +168,22 @@ async def test_replay_cli_rebuilds_with_the_rename(typo: Kit) -> None:
                                ).fetchone()[0]
     conn.close()
     assert open_tokens == 26_000
+
+
+async def test_a_record_aws_may_have_billed_is_never_rebuilt(typo: Kit) -> None:
+    """A rejected record whose earlier send's answer was lost (maybe received) keeps its frozen
+    payload: replay resends it unchanged in the window, never rebuilt under the new configuration."""
+    conn = sqlite3.connect(typo.settings.db_path)
+    conn.execute("UPDATE records SET maybe_received = 1 WHERE state = 'rejected'")
+    before = dict(conn.execute("SELECT id, payload FROM records WHERE state = 'rejected'").fetchall())
+    conn.commit()
+    conn.close()
+    fixed_release(typo, dimensions=(TYPO[0], Dimension(name="tokens-1k", source="total_tokens", unit=1000)))
+    out = await typo.store.replay(states=["rejected"], rename={"tokens-processed": "tokens-1k"})
+    assert out == {"resent": 2, "rebuilt": 0, "carried": 0, "unknown": 0}
+    after = {r["id"]: r["payload"] for r in typo.records() if r["id"] in before}
+    assert after == before
+    typo.clock.set(H09 + 24 * HOUR_S)
+    await typo.flusher.flush_once()  # refused again, then past the window: unknown, never carried
+    assert {r["state"] for r in typo.records() if r["id"] in before} <= {"rejected", "unknown"}
+    assert billed(typo, "cust-0", "tokens-1k") == {}
