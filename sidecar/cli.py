@@ -370,24 +370,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("check", cmd_check, "Exit 0 if the running daemon is healthy (container health check).")
     p.add_argument("--timeout", type=timeout_seconds, default=3.0, help="seconds to wait for /healthz")
 
-    from sidecar import simulator
+    from sidecar.simulator import cli as simulator_cli  # argparse only: the server loads in run()
 
     p = sub.add_parser("simulate-marketplace", help="Run a local AWS Marketplace Metering simulator.",
                        description="Run a local AWS Marketplace Metering simulator.")
-    simulator.add_arguments(p)
+    simulator_cli.add_arguments(p)
     p.set_defaults(fn=cmd_simulate_marketplace)
     return parser
 
 
 def cmd_simulate_marketplace(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """Run the local Marketplace simulator; the seconds its own parser takes as any float are checked here."""
-    from sidecar import simulator
+    from sidecar.simulator import cli as simulator_cli
 
     if not (math.isfinite(args.window_s) and args.window_s > 0):
         raise BadArgument(f"--window-s: must be a number of seconds > 0, got {args.window_s!r}")
     if not (math.isfinite(args.latency_s) and args.latency_s >= 0):
         raise BadArgument(f"--latency-s: must be a number of seconds >= 0, got {args.latency_s!r}")
-    return simulator.run(args)
+    return simulator_cli.run(args)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -171,7 +171,7 @@ def build_database(path: Path) -> tuple[dict[str, Any], float]:
         now = clock.now()
 
         def deliver(conn: sqlite3.Connection) -> None:
-            records.freeze(conn, now=now, product_code=settings.product_code)
+            store.freeze(conn, now=now)
             ids = {(c, d, h): i for i, c, d, h in conn.execute("SELECT id, customer, dimension, hour FROM records")}
             for (customer, dimension, hour), rid in ids.items():
                 if hour == h08:

@@ -1,30 +1,20 @@
-"""Simulate AWS Marketplace Metering's BatchMeterUsage locally, on its real wire protocol.
+"""The simulated Metering Service: settings, billed state, dedup, call validation and injected faults.
 
-An unmodified botocore ``meteringmarketplace`` client pointed at this server (``endpoint_url=`` or
-``AWS_ENDPOINT_URL_MARKETPLACE_METERING``) gets AWS's answers: the limits, the timestamp window,
-dedup by customer x product x dimension x UTC hour (first write wins), unsubscribed customers,
-and injectable faults (throttling, 5xx, unprocessed records, outages, lost responses). SigV4
-signatures are accepted without verification.
-
-Whole-call errors, where AWS does not document the exact code, are chosen as follows:
-structural problems (record count, both or neither customer scheme in a record, schemes mixed in
-one call, ProductCode sent with licence records, quantity out of range) are
-``ValidationException``; a missing ProductCode with CustomerIdentifier records is
-``InvalidProductCodeException``; a malformed account id is ``InvalidCustomerIdentifierException``;
-a malformed LicenseArn, or licences of two products in one call, is ``InvalidLicenseException``.
+Answers one request at a time through ``Simulator.handle``; ``server`` puts it on the wire. Whole-call
+errors, where AWS does not document the exact code, are chosen as follows: structural problems (record
+count, both or neither customer scheme in a record, schemes mixed in one call, ProductCode sent with
+licence records, quantity out of range) are ``ValidationException``; a missing ProductCode with
+CustomerIdentifier records is ``InvalidProductCodeException``; a malformed account id is
+``InvalidCustomerIdentifierException``; a malformed LicenseArn, or licences of two products in one call,
+is ``InvalidLicenseException``.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import calendar
 import dataclasses
 import json
 import math
 import random
-import re
-import signal
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -33,49 +23,26 @@ from decimal import Decimal
 from typing import Any, Literal, NamedTuple
 
 import structlog
-from aiohttp import web
 
-from sidecar.config import parse_listen
-from sidecar.errors import ConfigError
-
-__all__ = [
-    "DEFAULT_DIMENSIONS",
-    "BilledRecord",
-    "CallLog",
-    "Counters",
-    "DedupKey",
-    "Reply",
-    "Simulator",
-    "SimulatorConfig",
-    "add_arguments",
-    "config_from_args",
-    "create_app",
-    "run",
-    "start",
-]
+from sidecar.simulator.rules import (
+    BATCH_METER_USAGE,
+    DEFAULT_DIMENSIONS,
+    DEFAULT_MONTH_GRACE_S,
+    DEFAULT_WINDOW_S,
+    MAX_RECORDS_PER_CALL,
+    MAX_REQUEST_BYTES,
+    CallRejected,
+    check_allocations,
+    check_window,
+    customer_fields,
+    error_body,
+    hour_start,
+    http_status,
+    record_quantity,
+    scheme,
+)
 
 log = structlog.get_logger(__name__)
-
-TARGET_PREFIX = "AWSMPMeteringService."
-BATCH_METER_USAGE = TARGET_PREFIX + "BatchMeterUsage"
-CONTENT_TYPE = "application/x-amz-json-1.1"
-DEFAULT_DIMENSIONS = frozenset({"inference-requests", "tokens-processed", "gpu-hours"})
-MAX_RECORDS_PER_CALL = 25
-MAX_REQUEST_BYTES = 1024 * 1024
-MAX_QUANTITY = 2_147_483_647
-MAX_ALLOCATIONS = 2500
-MAX_TAGS_PER_ALLOCATION = 5
-
-# Patterns copied from the service model (botocore checks none of them client-side).
-_LICENSE_ARN = re.compile(
-    r"^arn:aws[a-zA-Z-]*:[A-Za-z0-9][A-Za-z0-9_/.-]{0,62}:[A-Za-z0-9_/.-]{0,63}:"
-    r"[A-Za-z0-9_/.-]{0,63}:[A-Za-z0-9][A-Za-z0-9:_/+=,@.-]{0,1023}$"
-)
-_ACCOUNT_ID = re.compile(r"^[0-9]{12}$")
-_TAG_TEXT = re.compile(r"^[a-zA-Z0-9+ -=._:\/@]+$")
-_DECIMAL_QUANTITY = re.compile(r"^(0|[1-9][0-9]{0,9})(\.[0-9]{1,6})?$")
-
-_HTTP_STATUS = {"InternalServiceErrorException": 500, "ServiceUnavailableException": 503}
 
 RecordStatus = Literal["Success", "CustomerNotSubscribed", "DuplicateRecord"]
 
@@ -89,8 +56,8 @@ class SimulatorConfig:
     allowed_dimensions: frozenset[str] = DEFAULT_DIMENSIONS
     subscribe_all: bool = False
     subscribed: frozenset[str] = frozenset()
-    window_s: float = 86400.0
-    month_grace_s: float = 6 * 3600.0
+    window_s: float = DEFAULT_WINDOW_S
+    month_grace_s: float = DEFAULT_MONTH_GRACE_S
     duplicate_status: Literal["DuplicateRecord", "Success"] = "DuplicateRecord"
     throttle_rate: float = 0.0
     error_5xx_rate: float = 0.0
@@ -246,15 +213,6 @@ class Reply:
     drop_connection: bool = False
 
 
-class _CallRejected(Exception):
-    """Raised when AWS would refuse the whole call; carries the error code it would answer."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 @dataclass(frozen=True)
 class _Record:
     raw: dict[str, Any]
@@ -361,12 +319,10 @@ class Simulator:
         n_records = len(records_in) if isinstance(records_in, list) else 0
         try:
             records = self._validate(body, now)
-        except _CallRejected as rejected:
+        except CallRejected as rejected:
             self.counters.rejected_calls += 1
             self._log_call(n_records, rejected.code, message=rejected.message)
-            return _HTTP_STATUS.get(rejected.code, 400), _error_body(
-                rejected.code, rejected.message
-            )
+            return http_status(rejected.code), error_body(rejected.code, rejected.message)
         results: list[dict[str, Any]] = []
         unprocessed: list[dict[str, Any]] = []
         statuses: list[str] = []
@@ -417,38 +373,38 @@ class Simulator:
     def _validate(self, body: Any, now: float) -> list[_Record]:
         config = self.config
         if not isinstance(body, dict):
-            raise _CallRejected("SerializationException", "Body must be a JSON object")
+            raise CallRejected("SerializationException", "Body must be a JSON object")
         raw_records = body.get("UsageRecords")
         if not isinstance(raw_records, list):
-            raise _CallRejected("ValidationException", "UsageRecords must be a list")
+            raise CallRejected("ValidationException", "UsageRecords must be a list")
         if not 1 <= len(raw_records) <= MAX_RECORDS_PER_CALL:
-            raise _CallRejected(
+            raise CallRejected(
                 "ValidationException",
                 f"UsageRecords must hold 1 to {MAX_RECORDS_PER_CALL} records, "
                 f"got {len(raw_records)}",
             )
         product_code = body.get("ProductCode")
         if product_code is not None and not isinstance(product_code, str):
-            raise _CallRejected("SerializationException", "ProductCode must be a string")
+            raise CallRejected("SerializationException", "ProductCode must be a string")
         # Records with neither or both schemes are refused one by one in _validate_record.
-        schemes = {_scheme(raw) for raw in raw_records} - {None}
+        schemes = {scheme(raw) for raw in raw_records} - {None}
         if len(schemes) > 1:
-            raise _CallRejected(
+            raise CallRejected(
                 "ValidationException",
                 "A call must not mix CustomerIdentifier and CustomerAWSAccountId+LicenseArn"
                 " records",
             )
         if "identifier" in schemes:
             if not product_code:
-                raise _CallRejected(
+                raise CallRejected(
                     "InvalidProductCodeException", "ProductCode is required with CustomerIdentifier"
                 )
             if config.product_code is not None and product_code != config.product_code:
-                raise _CallRejected(
+                raise CallRejected(
                     "InvalidProductCodeException", f"Unknown product code {product_code!r}"
                 )
         elif schemes and product_code is not None:
-            raise _CallRejected(
+            raise CallRejected(
                 "ValidationException", "ProductCode must not be sent with LicenseArn records"
             )
         records = [self._validate_record(raw, product_code, now) for raw in raw_records]
@@ -457,55 +413,40 @@ class Simulator:
                 config.license_products.get(r.key.product, config.product_code) for r in records
             }
             if len(products) > 1:
-                raise _CallRejected(
+                raise CallRejected(
                     "InvalidLicenseException", "Licences of more than one product in one call"
                 )
             if config.product_code is not None and products != {config.product_code}:
-                raise _CallRejected("InvalidLicenseException", "Licence belongs to another product")
+                raise CallRejected("InvalidLicenseException", "Licence belongs to another product")
         return records
 
     def _validate_record(self, raw: Any, product_code: str | None, now: float) -> _Record:
         config = self.config
         if not isinstance(raw, dict):
-            raise _CallRejected("SerializationException", "A usage record must be a JSON object")
+            raise CallRejected("SerializationException", "A usage record must be a JSON object")
         timestamp = raw.get("Timestamp")
         if (
             isinstance(timestamp, bool)
             or not isinstance(timestamp, int | float)
             or not math.isfinite(timestamp)
         ):
-            raise _CallRejected("SerializationException", "Timestamp must be epoch seconds")
+            raise CallRejected("SerializationException", "Timestamp must be epoch seconds")
         dimension = raw.get("Dimension")
         if not isinstance(dimension, str) or not dimension:
-            raise _CallRejected("ValidationException", "Dimension is required")
-        quantity = _record_quantity(raw)
-        customer, product, subscriber = _customer_fields(raw, product_code)
+            raise CallRejected("ValidationException", "Dimension is required")
+        quantity = record_quantity(raw)
+        customer, product, subscriber = customer_fields(raw, product_code)
         if dimension not in config.allowed_dimensions:
-            raise _CallRejected(
+            raise CallRejected(
                 "InvalidUsageDimensionException", f"Dimension {dimension!r} is not in the listing"
             )
-        self._check_window(float(timestamp), now)
+        check_window(
+            float(timestamp), now, window_s=config.window_s, month_grace_s=config.month_grace_s
+        )
         if "UsageAllocations" in raw:
-            _check_allocations(raw["UsageAllocations"], quantity, "QuantityAsDecimal" in raw)
-        key = DedupKey(customer, product, dimension, int(timestamp // 3600) * 3600)
+            check_allocations(raw["UsageAllocations"], quantity, "QuantityAsDecimal" in raw)
+        key = DedupKey(customer, product, dimension, hour_start(timestamp))
         return _Record(raw, key, subscriber, quantity, float(timestamp))
-
-    def _check_window(self, timestamp: float, now: float) -> None:
-        if timestamp > now:
-            raise _CallRejected("TimestampOutOfBoundsException", "Timestamp is in the future")
-        if timestamp <= now - self.config.window_s:
-            raise _CallRejected(
-                "TimestampOutOfBoundsException",
-                f"Timestamp is {self.config.window_s:g} s or more in the past",
-            )
-        month_start = _month_start(now)
-        earliest = month_start
-        if now < month_start + self.config.month_grace_s:
-            earliest = _month_start(month_start - 1)
-        if timestamp < earliest:
-            raise _CallRejected(
-                "TimestampOutOfBoundsException", "Timestamp is in a closed billing month"
-            )
 
     def _fault_reply(self, n_records: int, code: str, message: str) -> Reply:
         self._log_call(n_records, code, message=message)
@@ -533,128 +474,6 @@ class Simulator:
         )
 
 
-def _scheme(raw: Any) -> Literal["identifier", "licence"] | None:
-    if not isinstance(raw, dict):
-        return None
-    has_identifier = "CustomerIdentifier" in raw
-    has_licence = "CustomerAWSAccountId" in raw or "LicenseArn" in raw
-    if has_identifier == has_licence:
-        return None
-    return "identifier" if has_identifier else "licence"
-
-
-def _customer_fields(raw: dict[str, Any], product_code: str | None) -> tuple[str, str, str]:
-    has_identifier = "CustomerIdentifier" in raw
-    has_licence = "CustomerAWSAccountId" in raw or "LicenseArn" in raw
-    if has_identifier == has_licence:
-        raise _CallRejected(
-            "ValidationException",
-            "A record needs exactly one of CustomerIdentifier or CustomerAWSAccountId+LicenseArn",
-        )
-    if has_identifier:
-        identifier = raw["CustomerIdentifier"]
-        if not isinstance(identifier, str) or not 1 <= len(identifier) <= 255:
-            raise _CallRejected(
-                "InvalidCustomerIdentifierException", "CustomerIdentifier is invalid"
-            )
-        assert product_code is not None  # checked for the whole call before any record
-        return identifier, product_code, identifier
-    account = raw.get("CustomerAWSAccountId")
-    licence = raw.get("LicenseArn")
-    if not isinstance(account, str) or not _ACCOUNT_ID.match(account):
-        raise _CallRejected(
-            "InvalidCustomerIdentifierException", "CustomerAWSAccountId must be 12 digits"
-        )
-    if not isinstance(licence, str) or not _LICENSE_ARN.match(licence):
-        raise _CallRejected("InvalidLicenseException", "LicenseArn is missing or malformed")
-    return account, licence, account
-
-
-def _record_quantity(raw: dict[str, Any]) -> Decimal:
-    if "Quantity" in raw and "QuantityAsDecimal" in raw:
-        raise _CallRejected("ValidationException", "Send Quantity or QuantityAsDecimal, not both")
-    if "QuantityAsDecimal" in raw:
-        return _decimal_quantity(raw["QuantityAsDecimal"], "QuantityAsDecimal")
-    quantity = raw.get("Quantity", 0)
-    if isinstance(quantity, bool) or not isinstance(quantity, int):
-        raise _CallRejected("SerializationException", "Quantity must be an integer")
-    if not 0 <= quantity <= MAX_QUANTITY:
-        raise _CallRejected("ValidationException", f"Quantity must be 0 to {MAX_QUANTITY}")
-    return Decimal(quantity)
-
-
-def _decimal_quantity(value: Any, name: str) -> Decimal:
-    if not isinstance(value, str) or not _DECIMAL_QUANTITY.match(value):
-        raise _CallRejected("ValidationException", f"{name} must be a decimal string")
-    return Decimal(value)
-
-
-def _check_allocations(allocations: Any, quantity: Decimal, decimal_record: bool) -> None:
-    if not isinstance(allocations, list) or not 1 <= len(allocations) <= MAX_ALLOCATIONS:
-        raise _CallRejected(
-            "InvalidUsageAllocationsException",
-            f"UsageAllocations must hold 1 to {MAX_ALLOCATIONS} allocations",
-        )
-    total = Decimal(0)
-    for allocation in allocations:
-        if not isinstance(allocation, dict):
-            raise _CallRejected("InvalidUsageAllocationsException", "Allocation must be an object")
-        if decimal_record:
-            if "AllocatedUsageQuantity" in allocation:
-                raise _CallRejected(
-                    "InvalidUsageAllocationsException",
-                    "Use AllocatedUsageQuantityAsDecimal with QuantityAsDecimal",
-                )
-            total += _decimal_quantity(
-                allocation.get("AllocatedUsageQuantityAsDecimal"), "AllocatedUsageQuantityAsDecimal"
-            )
-        else:
-            if "AllocatedUsageQuantityAsDecimal" in allocation:
-                raise _CallRejected(
-                    "InvalidUsageAllocationsException",
-                    "Use AllocatedUsageQuantity with Quantity",
-                )
-            allocated = allocation.get("AllocatedUsageQuantity")
-            if (
-                isinstance(allocated, bool)
-                or not isinstance(allocated, int)
-                or not 0 <= allocated <= MAX_QUANTITY
-            ):
-                raise _CallRejected(
-                    "InvalidUsageAllocationsException", "AllocatedUsageQuantity is invalid"
-                )
-            total += allocated
-        _check_tags(allocation.get("Tags"))
-    if total != quantity:
-        raise _CallRejected(
-            "InvalidUsageAllocationsException",
-            f"Allocations sum to {total}, not to the record's quantity {quantity}",
-        )
-
-
-def _check_tags(tags: Any) -> None:
-    if not isinstance(tags, list) or not 1 <= len(tags) <= MAX_TAGS_PER_ALLOCATION:
-        raise _CallRejected(
-            "InvalidTagException", f"An allocation needs 1 to {MAX_TAGS_PER_ALLOCATION} tags"
-        )
-    keys: set[str] = set()
-    for tag in tags:
-        key = tag.get("Key") if isinstance(tag, dict) else None
-        value = tag.get("Value") if isinstance(tag, dict) else None
-        if (
-            not isinstance(key, str)
-            or not isinstance(value, str)
-            or len(key) > 100
-            or len(value) > 256
-            or not _TAG_TEXT.match(key)
-            or not _TAG_TEXT.match(value)
-        ):
-            raise _CallRejected("InvalidTagException", "Tag key or value is invalid")
-        if key in keys:
-            raise _CallRejected("InvalidTagException", f"Tag key {key!r} is repeated")
-        keys.add(key)
-
-
 def _count_records(raw_body: bytes) -> int:
     try:
         records = json.loads(raw_body).get("UsageRecords")
@@ -663,220 +482,13 @@ def _count_records(raw_body: bytes) -> int:
     return len(records) if isinstance(records, list) else 0
 
 
-def _month_start(epoch_s: float) -> float:
-    moment = time.gmtime(epoch_s)
-    return float(calendar.timegm((moment.tm_year, moment.tm_mon, 1, 0, 0, 0)))
 
 
 def _json_quantity(quantity: Decimal) -> int | str:
     return int(quantity) if quantity == quantity.to_integral_value() else str(quantity)
 
 
-def _error_body(code: str, message: str) -> dict[str, Any]:
-    return {"__type": code, "message": message}
-
-
 def _error_reply(code: str, message: str) -> Reply:
-    return Reply(status=_HTTP_STATUS.get(code, 400), body=_error_body(code, message))
+    return Reply(status=http_status(code), body=error_body(code, message))
 
 
-SIMULATOR_KEY = web.AppKey("simulator", Simulator)
-
-
-async def _handle_api(request: web.Request) -> web.StreamResponse:
-    sim = request.app[SIMULATOR_KEY]
-    raw_body = await request.read()
-    if sim.config.latency_s > 0:
-        await asyncio.sleep(sim.config.latency_s)
-    reply = sim.handle(request.headers.get("X-Amz-Target", ""), raw_body)
-    if reply.drop_connection:
-        if request.transport is not None:
-            request.transport.abort()
-        return web.Response(status=500)  # never reaches the client
-    headers = {"x-amzn-RequestId": str(uuid.uuid4())}
-    if isinstance(reply.body, str):
-        return web.Response(status=reply.status, text=reply.body, headers=headers)
-    return web.Response(
-        status=reply.status,
-        body=json.dumps(reply.body).encode(),
-        content_type=CONTENT_TYPE,
-        headers=headers,
-    )
-
-
-async def _handle_state(request: web.Request) -> web.Response:
-    return web.json_response(request.app[SIMULATOR_KEY].state())
-
-
-async def _handle_config(request: web.Request) -> web.Response:
-    sim = request.app[SIMULATOR_KEY]
-    try:
-        changes = await request.json()
-        if not isinstance(changes, dict):
-            raise ValueError("body must be a JSON object of settings")
-        new_config = sim.config.with_json(changes)
-    except ValueError as exc:  # json.JSONDecodeError is a ValueError
-        return web.json_response({"error": str(exc)}, status=400)
-    sim.configure(**{name: getattr(new_config, name) for name in changes})
-    return web.json_response({"config": sim.config.to_json()})
-
-
-async def _handle_reset(request: web.Request) -> web.Response:
-    sim = request.app[SIMULATOR_KEY]
-    sim.reset()
-    return web.json_response({"config": sim.config.to_json()})
-
-
-def create_app(sim: Simulator) -> web.Application:
-    """Build the aiohttp app: the Metering API at ``POST /`` and admin routes under ``/_sim/``."""
-    app = web.Application()
-    app[SIMULATOR_KEY] = sim
-    app.router.add_post("/", _handle_api)
-    app.router.add_get("/_sim/state", _handle_state)
-    app.router.add_post("/_sim/config", _handle_config)
-    app.router.add_post("/_sim/reset", _handle_reset)
-    return app
-
-
-async def start(
-    sim: Simulator, host: str = "127.0.0.1", port: int = 0
-) -> tuple[web.AppRunner, str]:
-    """Serve ``sim`` on host:port (0 picks a free port); return the runner and the base URL."""
-    runner = web.AppRunner(create_app(sim), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound_host, bound_port = runner.addresses[0][:2]
-    url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
-    return runner, f"http://{url_host}:{bound_port}"
-
-
-def _listen(value: str) -> tuple[str, int]:
-    try:
-        return parse_listen("--listen", value)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _rate(value: str) -> float:
-    rate = float(value)
-    if not 0.0 <= rate <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to 1, got {value!r}")
-    return rate
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of ``sidecar simulate-marketplace`` to ``parser``."""
-    parser.add_argument(
-        "--listen",
-        type=_listen,
-        default=("127.0.0.1", 9700),
-        metavar="HOST:PORT",
-        help="address to serve on (default 127.0.0.1:9700; port 0 picks a free one)",
-    )
-    parser.add_argument(
-        "--subscribe-all", action="store_true", help="treat every customer as subscribed"
-    )
-    parser.add_argument(
-        "--subscribe",
-        action="append",
-        default=[],
-        metavar="ID",
-        help="a subscribed CustomerIdentifier or CustomerAWSAccountId (repeatable)",
-    )
-    parser.add_argument(
-        "--product-code", metavar="CODE", help="the only ProductCode accepted (default: any)"
-    )
-    parser.add_argument(
-        "--dimension",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help=f"an allowed dimension (repeatable; default: {', '.join(sorted(DEFAULT_DIMENSIONS))})",
-    )
-    parser.add_argument(
-        "--window-s",
-        type=float,
-        default=86400.0,
-        metavar="SECONDS",
-        help="how old a record may be (default 86400)",
-    )
-    parser.add_argument(
-        "--throttle-rate",
-        type=_rate,
-        default=0.0,
-        metavar="FRACTION",
-        help="fraction of calls throttled",
-    )
-    parser.add_argument(
-        "--error-rate",
-        type=_rate,
-        default=0.0,
-        metavar="FRACTION",
-        help="fraction of calls failing with a 500",
-    )
-    parser.add_argument(
-        "--unprocessed-rate",
-        type=_rate,
-        default=0.0,
-        metavar="FRACTION",
-        help="fraction of records returned in UnprocessedRecords",
-    )
-    parser.add_argument(
-        "--latency-s",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="delay before each answer, in seconds",
-    )
-    parser.add_argument(
-        "--lose-response-rate",
-        type=_rate,
-        default=0.0,
-        metavar="FRACTION",
-        help="fraction of calls processed and billed whose response is then dropped",
-    )
-    parser.add_argument("--seed", type=int, metavar="N", help="seed for the fault generator")
-
-
-def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
-    """Build the simulator settings from parsed ``add_arguments`` options."""
-    return SimulatorConfig(
-        product_code=args.product_code,
-        allowed_dimensions=frozenset(args.dimension) or DEFAULT_DIMENSIONS,
-        subscribe_all=args.subscribe_all,
-        subscribed=frozenset(args.subscribe),
-        window_s=args.window_s,
-        throttle_rate=args.throttle_rate,
-        error_5xx_rate=args.error_rate,
-        unprocessed_rate=args.unprocessed_rate,
-        latency_s=args.latency_s,
-        lose_response_rate=args.lose_response_rate,
-        seed=args.seed,
-    )
-
-
-async def _serve_until_signalled(sim: Simulator, host: str, port: int) -> None:
-    runner, url = await start(sim, host, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    log.info("marketplace simulator listening", url=url, **sim.config.to_json())
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
-        log.info("marketplace simulator stopped", url=url)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``sidecar simulate-marketplace`` until SIGINT or SIGTERM; return the exit status."""
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        log.error("invalid simulator settings", error=str(exc))
-        return 2
-    host, port = args.listen
-    asyncio.run(_serve_until_signalled(Simulator(config), host, port))
-    return 0
