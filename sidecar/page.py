@@ -19,6 +19,7 @@ STATE_COLOURS: dict[str, str] = {
     "unknown": "#7c3aed",
     "carried": "#a16207",
     "held": "#c026d3",
+    "discarded": "#44403c",
 }
 OTHER_COLOUR = "#9ca3af"  # a state this page does not know yet still gets drawn
 PENDING_ALARM_S = 4 * 3600  # the README's suggested page: oldest pending older than 4 h

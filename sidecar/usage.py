@@ -112,15 +112,21 @@ SETTLE_POLICIES = ("half_up", "up", "down", "keep")
 
 
 def settle_remainder(raw: int, raw_unit: int, policy: str) -> int | None:
-    """Whole units to bill for a remainder below one unit at a final seal (None: keep it carried)."""
+    """Whole units to bill for a carried amount at a final seal (None: keep it carried).
+
+    A carry can hold more than one unit (a release changed the unit, a rebuild left raw over, a
+    quantity was capped): its whole units are billed first, the policy decides only the part below
+    one unit.
+    """
     if policy == "keep" or raw <= 0:
         return None
+    whole, part = divmod(raw, raw_unit)
     if policy == "up":
-        return 1
+        return whole + (1 if part else 0)
     if policy == "half_up":
-        return 1 if 2 * raw >= raw_unit else 0
+        return whole + (1 if 2 * part >= raw_unit else 0)
     if policy == "down":
-        return 0
+        return whole
     raise ValueError(f"unknown remainder policy {policy!r}")
 
 

@@ -242,12 +242,12 @@ async def test_held_record_is_visible_and_sent_only_after_release(held: Kit) -> 
 
 
 async def test_held_record_can_be_discarded(held: Kit) -> None:
-    """`sidecar release --state held --discard` ends the record expired: visible, never billed."""
+    """`sidecar release --state held --discard` ends the record `discarded`: visible, never billed."""
     held.store.close()
     assert main(["release", "--state", "held", "--discard"], env={"SIDECAR_DB": str(held.settings.db_path)}) == 0
     held.reopen()
     await held.flusher.flush_once()
-    assert held.states() == {"expired": 1}
+    assert held.states() == {"discarded": 1}
     assert billed(held, "inference-requests") == {}
 
 

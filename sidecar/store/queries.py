@@ -222,8 +222,8 @@ def gpu_time(conn: sqlite3.Connection, *, since_hour: int) -> list[dict[str, Any
 def settlements(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """Remainders settled at final seals, per customer and dimension: raw rounded up and given up."""
     return [dict(r) for r in conn.execute(
-        "SELECT customer, dimension, sum(CASE WHEN units_added > 0 THEN units_added * unit - raw ELSE 0 END)"
-        " AS rounded_up, sum(CASE WHEN units_added = 0 THEN raw ELSE 0 END) AS given_up"
+        "SELECT customer, dimension, sum(max(units_added * unit - raw, 0)) AS rounded_up,"
+        " sum(max(raw - units_added * unit, 0)) AS given_up"
         " FROM settlements GROUP BY customer, dimension ORDER BY customer, dimension")]
 
 

@@ -107,7 +107,7 @@ def _check_guardrails(conn: sqlite3.Connection, guard: Guard, *, customer: str, 
         return f"dimension {dimension!r} is not configured"
     history = conn.execute(
         "SELECT max(quantity) FROM records WHERE customer = ? AND dimension = ? AND hour >= ? AND hour < ?"
-        " AND state != 'held'", (customer, dimension, hour - HISTORY_S, hour)).fetchone()[0]
+        " AND state = 'sent'", (customer, dimension, hour - HISTORY_S, hour)).fetchone()[0]
     return guardrail(quantity, ceiling=dim.ceiling, floor=dim.floor, spike_factor=guard.spike_factor,
                      history_max=history)
 
@@ -425,7 +425,8 @@ def _rebuild(conn: sqlite3.Connection, record_id: int, target: Dimension, *, now
 
 def release_held(conn: sqlite3.Connection, *, customer: tuple[str, list[Any]] | None, dimension: str | None,
                  record_id: int | None, discard: bool, now: float) -> int:
-    """An operator's decision on held records: send them (pending) or discard them (expired)."""
+    """An operator's decision on held records: send them (pending) or discard them (`discarded`:
+    terminal and visible, never billed, and never picked up by `replay`)."""
     sql = "SELECT id, customer, dimension, hour, quantity FROM records WHERE state = 'held'"
     args: list[Any] = []
     if customer:
@@ -440,7 +441,7 @@ def release_held(conn: sqlite3.Connection, *, customer: tuple[str, list[Any]] | 
     rows = conn.execute(sql, args).fetchall()
     for r in rows:
         if discard:
-            _set_state(conn, r["id"], "expired", last_error="held by a guardrail; discarded by operator")
+            _set_state(conn, r["id"], "discarded", last_error="held by a guardrail; discarded by operator")
         else:
             conn.execute("UPDATE records SET next_attempt_at = 0, last_error = 'released by operator' WHERE id = ?",
                          (r["id"],))

@@ -125,6 +125,7 @@ class Store:
         self._conn: sqlite3.Connection | None = None
         self._tenants: dict[str, str] = {}
         self._dims = {d.name: d for d in settings.dimensions}
+        self._final_sealed = False  # set by a final seal: the store is stopping
         self._gpu_dims = [d for d in settings.dimensions if d.gpu_mode is not None]
         self._fair_dims = [d for d in self._gpu_dims if d.gpu_mode == "fair_share"]
         self._dedicated_dims = [d for d in self._gpu_dims if d.gpu_mode == "dedicated"]
@@ -153,7 +154,9 @@ class Store:
         }
         store._conn.execute("BEGIN IMMEDIATE")
         try:
-            store._watermark = store._birth(store._conn)
+            # Only the process that owns sending decides a birth and the dedicated clock; a CLI
+            # command beside the daemon (replay, release) must not move either.
+            store._watermark = store._birth(store._conn) if resume else (_meta_int(store._conn, WATERMARK_KEY) or 0)
             store._record_dimensions(store._conn)
             resumed = records.resume_in_flight(store._conn) if resume else 0
             store._conn.execute("COMMIT")
@@ -464,13 +467,15 @@ class Store:
             self._add_heartbeats(conn, sealed_before=self._watermark, watermark=watermark, now=now)
         if self._gpu_dims:
             self._share_gpu_time(conn, watermark=watermark)
-            self._tick_dedicated(conn, now=now)
+            if not self._final_sealed:  # after SIGTERM's seal, time would land in an hour nobody seals
+                self._tick_dedicated(conn, now=now)
         rows = conn.execute(
             "SELECT customer, dimension, hour, raw, unit, events, first_event_at FROM buckets"
             " WHERE state = 'open' AND hour < ? ORDER BY hour, customer, dimension",
             (watermark,),
         ).fetchall()
         parked = 0
+        engine_hours: set[tuple[int, Dimension]] = set()
         for r in rows:
             problem = self.unbillable(r["dimension"], r["unit"])
             if problem is not None:  # e.g. a release dropped the dimension while its hour was open
@@ -484,6 +489,7 @@ class Store:
             dim = self._dims[r["dimension"]]
             if dim.gpu_mode == "engine_time":
                 _add_gpu_time(conn, r["hour"], dim, billed_us=r["raw"])
+                engine_hours.add((r["hour"], dim))
             carry_row = conn.execute(
                 "SELECT raw FROM carries WHERE customer = ? AND dimension = ?",
                 (r["customer"], r["dimension"]),
@@ -500,10 +506,13 @@ class Store:
                 " ON CONFLICT (customer, dimension) DO UPDATE SET raw = excluded.raw",
                 (r["customer"], r["dimension"], remainder),
             )
+        for hour, dim in engine_hours:  # beside what engine_time billed: the GPU time that passed
+            _add_gpu_time(conn, hour, dim, wall_us=_busy_us(conn, hour) * self.settings.gpus)
         _set_meta(conn, WATERMARK_KEY, watermark)
         _set_meta(conn, ALIVE_KEY, int(now))
         if final:
             self._settle_remainders(conn, sealed_before=watermark, now=int(now))
+            self._on_commit.append(functools.partial(setattr, self, "_final_sealed", True))
         self._on_commit.append(functools.partial(setattr, self, "_watermark", watermark))
         if rows:
             log.info("hours_sealed", buckets=len(rows) - parked, parked=parked, sealed_before=watermark)
@@ -513,9 +522,17 @@ class Store:
 
     def _record_intervals(self, conn: sqlite3.Connection, intervals: list[tuple[str, str, int, int, int]], *,
                           now: float, watermark: int) -> None:
-        """Keep new engine intervals for `fair_share`. The part of one that lies in sealed hours
+        """Keep new engine intervals. For `fair_share` the part of one that lies in sealed hours
         (a late event, or the hour a store was born in) is billed at once as the GPU time no stored
-        interval covers, in the open hour: time already shared out is never billed again."""
+        interval covers, in the open hour: time already shared out is never billed again. Without a
+        `fair_share` dimension the intervals are kept only as coverage, already accounted (each
+        event's own time went into its `engine_time` bucket), so a later release that switches to
+        `fair_share` never shares them out a second time."""
+        if not self._fair_dims:
+            conn.executemany(
+                "INSERT INTO engine_intervals (event_id, customer, start_us, end_us, pending_from_us)"
+                " VALUES (?,?,?,?,?)", [(e, c, a, b, b) for e, c, a, b, _ in intervals])
+            return
         wm_us = watermark * 1_000_000
         late = [iv for iv in intervals if iv[2] < wm_us]
         conn.executemany(
@@ -531,13 +548,17 @@ class Store:
             conn.execute("INSERT INTO engine_intervals (event_id, customer, start_us, end_us, pending_from_us)"
                          " VALUES (?,?,?,?,?)", (event_id, customer, a, b, stop))
             if free:
-                self._account_gpu(conn, deltas, hour=open_hour, total_us=free, shares={customer: (free, 1)},
-                                  late=True, when=when)
+                self._account_gpu(conn, deltas, self._fair_dims, hour=open_hour, total_us=free,
+                                  shares={customer: (free, 1)}, late=True, when=when)
         self.apply_deltas(conn, deltas)
 
     def _share_gpu_time(self, conn: sqlite3.Connection, *, watermark: int) -> None:
         """Share out the GPU wall time of every hour about to be sealed among the requests that ran
-        in it (`fair_share`), and record each hour's wall time (all GPU dimensions)."""
+        in it (`fair_share`), and record each hour's wall time.
+
+        Intervals still waiting when the running release has no `fair_share` dimension were kept
+        by one that had (their events added nothing per event): each is billed as its own engine
+        time to the `engine_time` dimensions, so a change of mode neither drops nor doubles them."""
         wm_us = watermark * 1_000_000
         rows = conn.execute(
             "SELECT customer, start_us, end_us, pending_from_us FROM engine_intervals"
@@ -550,27 +571,30 @@ class Store:
                 by_hour.setdefault(hour, []).append((r["customer"], a, b))
         deltas: dict[BucketKey, Delta] = {}
         for hour, pieces in sorted(by_hour.items()):
-            shares, total = fair_shares(pieces, gpus=self.settings.gpus)
             counts: dict[str, int] = {}
-            for customer, _, _ in pieces:
+            own: dict[str, int] = {}
+            for customer, a, b in pieces:
                 counts[customer] = counts.get(customer, 0) + 1
-            self._account_gpu(conn, deltas, hour=hour, total_us=total, late=False, when=hour,
-                              shares={c: (share, counts[c]) for c, share in shares.items()})
+                own[customer] = own.get(customer, 0) + b - a
+            if self._fair_dims:
+                shares, total = fair_shares(pieces, gpus=self.settings.gpus)
+                self._account_gpu(conn, deltas, self._fair_dims, hour=hour, total_us=total, late=False, when=hour,
+                                  shares={c: (share, counts[c]) for c, share in shares.items()})
+            else:
+                engine = [d for d in self._gpu_dims if d.gpu_mode == "engine_time"]
+                self._account_gpu(conn, deltas, engine, hour=hour, total_us=0, late=False, when=hour,
+                                  shares={c: (t, counts[c]) for c, t in own.items()})
         conn.execute("UPDATE engine_intervals SET pending_from_us = min(end_us, ?)"
                      " WHERE pending_from_us < end_us AND pending_from_us < ?", (wm_us, wm_us))
         self.apply_deltas(conn, deltas)
 
-    def _account_gpu(self, conn: sqlite3.Connection, deltas: dict[BucketKey, Delta], *, hour: int, total_us: int,
-                     shares: Mapping[str, tuple[int, int]], late: bool, when: int) -> None:
-        """Record `total_us` of GPU wall time for `hour` (every non-dedicated GPU dimension) and add
-        each customer's (µs, requests) share to the fair_share dimensions' buckets of that hour."""
-        for dim in self._gpu_dims:
-            if dim.gpu_mode == "dedicated":
-                continue
-            fair = dim.gpu_mode == "fair_share"
-            _add_gpu_time(conn, hour, dim, wall_us=total_us, billed_us=total_us if fair else 0)
-            if not fair:
-                continue
+    def _account_gpu(self, conn: sqlite3.Connection, deltas: dict[BucketKey, Delta], dims: Sequence[Dimension], *,
+                     hour: int, total_us: int, shares: Mapping[str, tuple[int, int]], late: bool, when: int) -> None:
+        """Add each customer's (µs, requests) to `dims`' buckets of `hour` (carried in when `late`),
+        and record `total_us` of GPU wall time beside what was billed."""
+        for dim in dims:
+            if dim.gpu_mode != "engine_time":  # engine_time's billed time is counted from its buckets at sealing
+                _add_gpu_time(conn, hour, dim, wall_us=total_us, billed_us=sum(a for a, _ in shares.values()))
             for customer, (amount, requests) in shares.items():
                 d = deltas.setdefault((customer, dim.name, hour), Delta(unit=dim.raw_unit, first_event_at=when))
                 d.raw += amount
@@ -639,11 +663,12 @@ class Store:
             target = conn.execute(
                 "SELECT hour, quantity FROM buckets WHERE customer = ? AND dimension = ? AND state = 'sealed'"
                 " ORDER BY hour DESC LIMIT 1", key).fetchone()
+            units = min(units, MAX_QUANTITY)
             hour: int | None = None
-            if units and target is not None and target["quantity"] < MAX_QUANTITY:
+            if units and target is not None and target["quantity"] + units <= MAX_QUANTITY:
                 hour = target["hour"]
-                conn.execute("UPDATE buckets SET quantity = quantity + 1, remainder = 0"
-                             " WHERE customer = ? AND dimension = ? AND hour = ?", (*key, hour))
+                conn.execute("UPDATE buckets SET quantity = quantity + ?, remainder = 0"
+                             " WHERE customer = ? AND dimension = ? AND hour = ?", (units, *key, hour))
             elif units:
                 free = last_hour >= first_hour and conn.execute(
                     "SELECT 1 FROM buckets WHERE customer = ? AND dimension = ? AND hour = ?",
@@ -656,8 +681,8 @@ class Store:
                 conn.execute(
                     "INSERT INTO buckets (customer, dimension, hour, state, raw, events, carried_in, first_event_at,"
                     " unit, remainder_in, quantity, remainder, sealed_at)"
-                    " VALUES (?,?,?, 'sealed', 0, 0, 0, ?, ?, ?, 1, 0, ?)",
-                    (*key, hour, hour, dim.raw_unit, c["raw"], now))
+                    " VALUES (?,?,?, 'sealed', 0, 0, 0, ?, ?, ?, ?, 0, ?)",
+                    (*key, hour, hour, dim.raw_unit, c["raw"], units, now))
             elif target is not None:
                 conn.execute("UPDATE buckets SET remainder = 0 WHERE customer = ? AND dimension = ? AND hour = ?",
                              (*key, target["hour"]))
@@ -665,9 +690,10 @@ class Store:
             conn.execute(
                 "INSERT INTO settlements (customer, dimension, hour, raw, unit, units_added, policy, at)"
                 " VALUES (?,?,?,?,?,?,?,?)", (*key, hour, c["raw"], dim.raw_unit, units, policy, now))
+            billed = units * dim.raw_unit
             log.warning("remainder_settled", customer=key[0], dimension=key[1], raw=c["raw"], unit=dim.raw_unit,
-                        billed_units=units, given_up_raw=0 if units else c["raw"],
-                        rounded_up_raw=dim.raw_unit - c["raw"] if units else 0, policy=policy)
+                        billed_units=units, given_up_raw=max(0, c["raw"] - billed),
+                        rounded_up_raw=max(0, billed - c["raw"]), policy=policy)
 
     def _add_heartbeats(self, conn: sqlite3.Connection, *, sealed_before: int, watermark: int, now: float) -> None:
         """Zero buckets for idle hours of customers active in the last N hours (AWS's recommendation).
@@ -939,3 +965,11 @@ def _add_gpu_time(conn: sqlite3.Connection, hour: int, dim: Dimension, *, wall_u
         " ON CONFLICT (hour, dimension) DO UPDATE SET wall_us = wall_us + excluded.wall_us,"
         " billed_us = billed_us + excluded.billed_us",
         (hour, dim.name, dim.gpu_mode, wall_us, billed_us))
+
+
+def _busy_us(conn: sqlite3.Connection, hour: int) -> int:
+    """How much of the hour some stored engine interval covers (µs)."""
+    lo, hi = hour * 1_000_000, (hour + HOUR_S) * 1_000_000
+    spans = conn.execute("SELECT start_us, end_us FROM engine_intervals WHERE end_us > ? AND start_us < ?",
+                         (lo, hi)).fetchall()
+    return (hi - lo) - uncovered_us(lo, hi, [(r[0], r[1]) for r in spans])
