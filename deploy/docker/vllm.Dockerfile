@@ -40,7 +40,7 @@ EXPOSE 8000
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["python", "-m", "vllm.entrypoints.openai.api_server", \
             "--middleware", "vllm_metering.middleware.UsageMiddleware", \
-            "--enable-force-include-usage"]
+            "--enable-force-include-usage", "--enable-per-request-metrics"]
 
 # ---- gpu (default target): the official vLLM image plus the middleware
 FROM vllm/vllm-openai:v${VLLM_VERSION} AS gpu
@@ -60,4 +60,4 @@ EXPOSE 8000
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["python3", "-m", "vllm.entrypoints.openai.api_server", \
             "--middleware", "vllm_metering.middleware.UsageMiddleware", \
-            "--enable-force-include-usage"]
+            "--enable-force-include-usage", "--enable-per-request-metrics"]

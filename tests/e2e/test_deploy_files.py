@@ -156,3 +156,4 @@ def test_dockerfiles_follow_the_deployment_contract() -> None:
     for entrypoint in entrypoints:
         assert f'"--middleware", "{MIDDLEWARE}"' in entrypoint
         assert '"--enable-force-include-usage"' in entrypoint
+        assert '"--enable-per-request-metrics"' in entrypoint  # without it gpu-hours is never measured
