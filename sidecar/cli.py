@@ -190,7 +190,7 @@ def cmd_migrate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 USAGE_COLUMNS = ("hour", "customer", "dimension", "state", "events", "raw", "carried_in",
-                 "quantity", "remainder", "attempts", "aws_status", "last_error")
+                 "quantity", "remainder", "attempts", "aws_status", "last_error", "hold_rule")
 
 
 def cmd_usage(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -201,8 +201,9 @@ def cmd_usage(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     with store_mod.reader(settings.db_path) as conn:
         rows = [present_row(r) for r in store_mod.usage_rows(conn, filt, limit=args.limit)]
         totals = store_mod.usage_totals(conn, filt)
+        parked = [present_row(r) for r in store_mod.queries.parked_rows(conn, filt)]
     if args.json:
-        json.dump({"rows": rows, "totals": totals}, sys.stdout, indent=2)
+        json.dump({"rows": rows, "totals": totals, "parked": parked}, sys.stdout, indent=2)
         print()
         return 0
     table = [[("" if r.get(c) is None else str(r.get(c))) for c in USAGE_COLUMNS] for r in rows]
@@ -215,6 +216,9 @@ def cmd_usage(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         states = ", ".join(f"{k}={v}" for k, v in sorted(t["quantity_by_state"].items()))
         print(f"{t['customer']} {t['dimension']}: events={t['events']} open_raw={t['open_raw']} "
               f"carry_raw={t['carry_raw']} units[{states}]")
+    for p in parked:
+        print(f"UNCONFIGURED (parked, not sent) {p['customer']} {p['dimension']}: raw={p['raw']} "
+              f"unit_raw={p['unit_raw']} from hour {p['hour']}: {p['reason']}")
     return 0
 
 

@@ -215,6 +215,7 @@ class Flusher:
         and the sender's pause)."""
         end = time.monotonic() + deadline_s
         total = FlushSummary()
+        probed = False
         while True:
             s = await self.flush_once()
             total.frozen += s.frozen
@@ -225,6 +226,14 @@ class Flusher:
                 return total
             wait = max(0.0, (self.next_pass_at(s) or 0) - self.clock.now())
             if time.monotonic() + wait >= end:
+                if self.paused() and not probed and time.monotonic() + 1.0 < end:
+                    # The deadline (SIGTERM) comes before the pause ends: AWS may be back, and what
+                    # is not sent now may die with the task. Probe once instead of giving up.
+                    probed = True
+                    held_until, now = self.paused_until or 0.0, self.clock.now()
+                    self.paused_until = now
+                    await self.store.run(functools.partial(rec.due_now, held_until=held_until, now=now))
+                    continue
                 return total
             await asyncio.sleep(max(wait, 0.05))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +11,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from sidecar.store import queries
-
-GPU_HOURS_SHOWN = 48
 
 
 class Metrics:
@@ -79,11 +76,17 @@ class _StateCollector(Collector):
         parked = GaugeMetricFamily("sidecar_unconfigured_usage_raw",
                                    "Raw usage parked because no configured dimension can bill it, by dimension.",
                                    labels=["dimension"])
-        gpu_seconds = GaugeMetricFamily(
+        gpu_total = CounterMetricFamily(
             "sidecar_gpu_seconds",
-            "Per hour (last 48) and GPU dimension: the GPU wall time the task had (kind=wall, x SIDECAR_GPUS)"
-            " and the GPU time it billed (kind=billed). fair_share and dedicated keep them equal.",
-            labels=["dimension", "hour", "kind"])
+            "GPU wall time the task had (kind=wall, x SIDECAR_GPUS) and GPU time it billed (kind=billed);"
+            " increase() over an hour compares them. fair_share and dedicated keep them equal.",
+            labels=["dimension", "kind"])
+        gpu_hour = GaugeMetricFamily(
+            "sidecar_gpu_last_hour_seconds",
+            "The same two figures for the last completed hour with GPU time (its start: sidecar_gpu_last_hour).",
+            labels=["dimension", "kind"])
+        gpu_hour_at = GaugeMetricFamily("sidecar_gpu_last_hour", "Start (epoch seconds) of that hour.",
+                                        labels=["dimension"])
         settled_raw = GaugeMetricFamily(
             "sidecar_remainder_settled_raw",
             "Remainders settled at final seals (raw units): rounded_up = billed beyond usage, given_up = not billed.",
@@ -95,7 +98,7 @@ class _StateCollector(Collector):
                 unmapped = queries.unmapped_summary(conn, self.now())
                 unconfigured = queries.unconfigured_summary(conn)
                 settled = queries.settlements(conn)
-                gpu = queries.gpu_time(conn, since_hour=int(self.now()) // 3600 * 3600 - GPU_HOURS_SHOWN * 3600)
+                gpu = queries.gpu_time(conn, before_hour=int(self.now()) // 3600 * 3600)
             for state, n in sorted(counts["buckets"].items()):
                 buckets.add_metric([state], n)
             for state, n in sorted(counts["records"].items()):
@@ -110,11 +113,15 @@ class _StateCollector(Collector):
             for s in settled:
                 settled_raw.add_metric([s["customer"], s["dimension"], "rounded_up"], s["rounded_up"])
                 settled_raw.add_metric([s["customer"], s["dimension"], "given_up"], s["given_up"])
-            for g in gpu:
-                hour = datetime.fromtimestamp(g["hour"], UTC).strftime("%Y-%m-%dT%H:00Z")
-                gpu_seconds.add_metric([g["dimension"], hour, "wall"], g["wall_us"] / 1e6)
-                gpu_seconds.add_metric([g["dimension"], hour, "billed"], g["billed_us"] / 1e6)
-        yield from (buckets, records, oldest, size, unmapped_age, unmapped_raw, parked, settled_raw, gpu_seconds)
+            for g in gpu["total"]:
+                gpu_total.add_metric([g["dimension"], "wall"], g["wall_us"] / 1e6)
+                gpu_total.add_metric([g["dimension"], "billed"], g["billed_us"] / 1e6)
+            for g in gpu["last_hour"]:
+                gpu_hour.add_metric([g["dimension"], "wall"], g["wall_us"] / 1e6)
+                gpu_hour.add_metric([g["dimension"], "billed"], g["billed_us"] / 1e6)
+                gpu_hour_at.add_metric([g["dimension"]], g["hour"])
+        yield from (buckets, records, oldest, size, unmapped_age, unmapped_raw, parked, settled_raw, gpu_total,
+                    gpu_hour, gpu_hour_at)
         calls = CounterMetricFamily("sidecar_marketplace_calls", "BatchMeterUsage calls by outcome.",
                                     labels=["outcome"])
         for outcome, n in sorted(self.flusher.calls_by_outcome.items()):

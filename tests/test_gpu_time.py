@@ -120,9 +120,11 @@ async def test_concurrent_requests_share_the_gpu_wall_time(fair_client: TestClie
                    ("identifier:cust-c", H10): 110 * US}
     assert sum(got.values()) == 2 * 120 * US  # the GPU wall time while requests ran, x 2 GPUs
     metrics = await (await fair_client.get("/metrics")).text()
-    hour = "2026-11-28T10:00Z"
-    assert f'sidecar_gpu_seconds{{dimension="gpu-hours",hour="{hour}",kind="wall"}} 240.0' in metrics
-    assert f'sidecar_gpu_seconds{{dimension="gpu-hours",hour="{hour}",kind="billed"}} 240.0' in metrics
+    assert 'sidecar_gpu_seconds_total{dimension="gpu-hours",kind="wall"} 240.0' in metrics
+    assert 'sidecar_gpu_seconds_total{dimension="gpu-hours",kind="billed"} 240.0' in metrics
+    assert 'sidecar_gpu_last_hour_seconds{dimension="gpu-hours",kind="billed"} 240.0' in metrics
+    hour_line = next(ln for ln in metrics.splitlines() if ln.startswith('sidecar_gpu_last_hour{'))
+    assert float(hour_line.split()[-1]) == H10
 
 
 def test_engine_time_mode_sums_each_requests_time(tmp_path: Path, clock: ManualClock) -> None:

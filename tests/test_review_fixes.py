@@ -166,3 +166,129 @@ def test_dedicated_time_stops_at_the_final_seal(tmp_path: Path) -> None:
         assert gpu_buckets(s.db_path) == {("identifier:acme", H10): 1800_000_000}
     finally:
         store.close()
+
+
+# ---- the second review -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change", ["unit", "dropped"])
+async def test_a_sealed_bucket_frozen_under_a_new_configuration_is_parked(tmp_path: Path, change: str) -> None:
+    """Sealed while SIDECAR_PRODUCT_CODE was missing, frozen after a release changed its unit (or
+    dropped its dimension): its 13 units of 1,000 tokens are parked as 13,000 tokens, never sent as
+    13 units of the new unit, and never stuck `sealed`."""
+    k = await make_kit(tmp_path, product_code=None)
+    try:
+        k.ingest(event("t", when=H09 + 60, customer=CUST, prompt=13_000, completion=0))
+        k.clock.set(H10 + 400)
+        await k.flusher.flush_once()
+        assert k.records() == []
+        dims = (Dimension(name="inference-requests", source="count", unit=1),) + (
+            (Dimension(name="tokens-processed", source="total_tokens", unit=1_000_000),) if change == "unit" else ())
+        k.settings = replace(k.settings, product_code="prod-test-1", dimensions=dims)
+        k.reopen()
+        await k.flusher.flush_once()
+        assert tokens_billed(k) == {}
+        assert rows(k.settings.db_path, "SELECT dimension, raw, unit FROM parked") == [("tokens-processed", 13_000,
+                                                                                       1000)]
+        assert rows(k.settings.db_path, "SELECT count(*) FROM buckets WHERE state = 'sealed'") == [(0,)]
+    finally:
+        await k.close()
+
+
+async def test_a_cli_command_does_not_map_tenants_behind_the_daemon(tmp_path: Path) -> None:
+    """A CLI command whose config maps a tenant leaves the mapping to the daemon; and a daemon that
+    finds a mapped tenant with unmapped usage (mapped by someone else) moves that usage at start."""
+    k = await make_kit(tmp_path)
+    try:
+        k.ingest(event("t1", when=k.clock.now() - 60, customer={"tenant": "acme"}))
+        acme = CustomerRef(customer_identifier="CUST-ACME")
+        cli = Store.open(k.settings.db_path, settings=replace(k.settings, customers={"acme": acme}), clock=k.clock,
+                         resume=False)
+        cli.close()
+        assert rows(k.settings.db_path, "SELECT count(*) FROM tenants") == [(0,)]
+        # Someone else's writer mapped acme while this daemon's map did not know: usage stranded.
+        k.store.close()
+        conn = sqlite3.connect(k.settings.db_path)
+        conn.execute("INSERT INTO customers (customer, customer_identifier)"
+                     " VALUES ('identifier:CUST-ACME', 'CUST-ACME')")
+        conn.execute("INSERT INTO tenants (tenant, customer, source, updated_at) VALUES ('acme',"
+                     " 'identifier:CUST-ACME', 'api', 0)")
+        conn.commit()
+        conn.close()
+        k.reopen()
+        assert rows(k.settings.db_path, "SELECT count(*) FROM buckets WHERE state = 'unmapped'") == [(0,)]
+        k.clock.set(H10 + HOUR_S + 400)
+        await k.flusher.flush_once()
+        assert {(key.customer, key.dimension) for key in k.sim.billed} >= {("CUST-ACME", "inference-requests")}
+    finally:
+        await k.close()
+
+
+async def test_sigterm_while_the_sender_is_paused_still_probes(tmp_path: Path) -> None:
+    """The shutdown drain's deadline comes before the pause ends: it probes once instead of giving up,
+    so the final hour goes out if AWS is back."""
+    from flushkit import customer_events
+
+    k = await make_kit(tmp_path, max_backoff_s=300.0)
+    try:
+        k.ingest(*customer_events(3))
+        k.clock.set(H10 + 400)
+        k.sim.configure(throttle_rate=1.0)
+        await k.flusher.flush_once()
+        assert k.flusher.paused()
+        k.sim.configure(throttle_rate=0.0)
+        k.flusher.paused_until = k.clock.now() + 200  # far beyond the drain's deadline
+        s = await k.flusher.drain(deadline_s=5.0)
+        assert s.calls >= 1
+    finally:
+        await k.close()
+
+
+async def test_a_rename_moves_the_carried_remainder_with_the_usage(tmp_path: Path) -> None:
+    """13,800 tokens under a typo'd dimension, rebuilt as tokens-1k: the 800-token remainder follows
+    into tokens-1k and the final seal bills it (half_up), instead of stranding it under the old name."""
+    from test_rebuild import LISTING, TYPO
+
+    from sidecar.simulator import SimulatorConfig
+
+    k = await make_kit(tmp_path, dimensions=TYPO, sim_config=SimulatorConfig(
+        subscribe_all=True, product_code="prod-test-1", allowed_dimensions=LISTING))
+    try:
+        k.ingest(event("e1", when=H09 + 60, customer={"customer_identifier": "cust-0"}, prompt=13_000, completion=800))
+        k.clock.set(H10 + 400)
+        await k.flusher.flush_once()
+        k.settings = replace(k.settings, dimensions=(TYPO[0], Dimension(name="tokens-1k", source="total_tokens",
+                                                                          unit=1000)))
+        k.reopen()
+        await k.store.replay(states=["rejected"], rename={"tokens-processed": "tokens-1k"})
+        await k.store.seal_through(H10 + HOUR_S, final=True)
+        await k.flusher.drain(deadline_s=5)
+        billed = [int(v.quantity) for key, v in k.sim.billed.items() if key.dimension == "tokens-1k"]
+        assert sorted(billed) == [1, 13]  # 13 rebuilt at 09:00, and 1 for the 800-token remainder
+        assert rows(k.settings.db_path, "SELECT dimension, raw FROM carries WHERE raw > 0") == []
+    finally:
+        await k.close()
+
+
+async def test_unmapped_events_are_counted_once(tmp_path: Path) -> None:
+    """One unmapped request that spans an hour boundary is one event, aged from its own time."""
+    from test_gpu_time import timed as gpu_timed
+
+    from sidecar.store import queries
+
+    clock = ManualClock(H10 + 120)
+    s = Settings(db_path=tmp_path / "u.db", birth_hour="report")
+    store = Store.open(s.db_path, settings=s, clock=clock)
+    try:
+        obj = gpu_timed("x", "ignored", H10 - 40, H10 + 20)
+        obj["customer"] = {"tenant": "acme"}
+        ingest(store, clock, obj)
+        clock.set(H10 + HOUR_S + 400)
+        store.seal_due_sync()
+        with queries.reader(s.db_path) as conn:
+            summary = queries.unmapped_summary(conn, clock.now())
+        assert summary is not None
+        assert summary["events"] == 1
+        assert summary["oldest_event_at"] == H10 + 20
+    finally:
+        store.close()

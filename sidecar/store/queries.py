@@ -127,8 +127,19 @@ def usage_totals(conn: sqlite3.Connection, f: UsageFilter) -> list[dict[str, Any
             t["quantity_by_state"][r["state"]] = 0
         else:
             t["quantity_by_state"][r["state"]] = r["quantity"] or 0
-    for r in conn.execute("SELECT customer, dimension, raw FROM carries"):
+    carry_sql = "SELECT customer, dimension, raw FROM carries"
+    carry_args: list[Any] = []
+    if f.customer is not None:
+        clause, values = customer_clause(f.customer, "customer")
+        carry_sql += f" WHERE {clause}"
+        carry_args += values
+    for r in conn.execute(carry_sql, carry_args):
         found = totals.get((r["customer"], r["dimension"]))
+        if found is None and r["raw"] and (f.dimension is None or f.dimension == r["dimension"]):
+            # A remainder whose buckets are gone from the view (e.g. a renamed or dropped dimension)
+            found = totals[(r["customer"], r["dimension"])] = {
+                "customer": r["customer"], "dimension": r["dimension"], "unit_raw": None, "open_raw": 0,
+                "events": 0, "quantity_by_state": {}, "carry_raw": 0}
         if found is not None:
             found["carry_raw"] = r["raw"]
     return list(totals.values())
@@ -178,18 +189,18 @@ def unconfigured_summary(conn: sqlite3.Connection) -> dict[str, Any] | None:
 def unmapped_summary(conn: sqlite3.Connection, now: float) -> dict[str, Any] | None:
     """Usage of tenants with no customer mapping: tenants, events, raw per dimension, the oldest's age."""
     rows = conn.execute(
-        "SELECT c.tenant, b.dimension, sum(b.raw) AS raw, sum(b.events) AS events, min(b.first_event_at) AS first"
+        "SELECT c.tenant, b.dimension, sum(b.raw) AS raw, min(b.first_event_at) AS first"
         " FROM buckets b JOIN customers c ON c.customer = b.customer WHERE b.state = 'unmapped'"
         " GROUP BY c.tenant, b.dimension").fetchall()
     if not rows:
         return None
     raw: dict[str, int] = {}
-    events: dict[str, int] = {}
     for r in rows:
         raw[r["dimension"]] = raw.get(r["dimension"], 0) + r["raw"]
-        events[r["tenant"]] = max(events.get(r["tenant"], 0), r["events"])  # each event counts once per dimension
-    first = min(r["first"] for r in rows)
-    return {"tenants": sorted(events), "events": sum(events.values()), "raw_by_dimension": raw,
+    # Events are counted, and aged, from the event rows themselves (kept while their bucket is unmapped).
+    ev = conn.execute("SELECT count(*), min(time) FROM events WHERE substr(customer, 1, 7) = 'tenant:'").fetchone()
+    first = ev[1] if ev[1] is not None else min(r["first"] for r in rows)
+    return {"tenants": sorted({r["tenant"] for r in rows}), "events": ev[0], "raw_by_dimension": raw,
             "oldest_event_at": first, "oldest_age_s": max(0, int(now) - first)}
 
 
@@ -212,11 +223,15 @@ def left_behind(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v}
 
 
-def gpu_time(conn: sqlite3.Connection, *, since_hour: int) -> list[dict[str, Any]]:
-    """Per hour and GPU dimension since `since_hour`: the GPU wall time the task had, and what it billed (µs)."""
-    return [dict(r) for r in conn.execute(
-        "SELECT hour, dimension, mode, wall_us, billed_us FROM gpu_time WHERE hour >= ? ORDER BY hour, dimension",
-        (since_hour,))]
+def gpu_time(conn: sqlite3.Connection, *, before_hour: int) -> dict[str, list[dict[str, Any]]]:
+    """GPU wall time the task had and GPU time it billed (µs), per GPU dimension: in total, and in
+    the last hour that started before `before_hour` and has figures."""
+    total = [dict(r) for r in conn.execute(
+        "SELECT dimension, sum(wall_us) AS wall_us, sum(billed_us) AS billed_us FROM gpu_time GROUP BY dimension")]
+    last = [dict(r) for r in conn.execute(
+        "SELECT g.dimension, g.hour, g.wall_us, g.billed_us FROM gpu_time g WHERE g.hour = (SELECT max(hour)"
+        " FROM gpu_time h WHERE h.dimension = g.dimension AND h.hour < ?)", (before_hour,))]
+    return {"total": total, "last_hour": last}
 
 
 def settlements(conn: sqlite3.Connection) -> list[dict[str, Any]]:

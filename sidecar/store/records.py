@@ -40,10 +40,12 @@ def certainly_refused(aws_status: str | None) -> bool:
 
 @dataclass(frozen=True, kw_only=True)
 class Guard:
-    """What freezing needs to check a record before anything leaves: each dimension's limits."""
+    """What freezing needs to check a record before anything leaves: the store's one rule for what
+    the running configuration can bill, and each dimension's limits."""
 
     dimensions: Mapping[str, Dimension]
     spike_factor: float
+    unbillable: Callable[[str, int], str | None]  # why usage of (dimension, raw unit) cannot be billed
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,16 +133,22 @@ def freeze(conn: sqlite3.Connection, *, now: float, product_code: str | None, gu
     """Turn every sealed bucket into exactly one stored record (payload frozen), state pending
     (or held, when a guardrail trips: a quantity above the dimension's ceiling, or a spike)."""
     rows = conn.execute(
-        "SELECT b.customer, b.dimension, b.hour, b.quantity, b.first_event_at,"
+        "SELECT b.customer, b.dimension, b.hour, b.quantity, b.first_event_at, b.unit, b.events,"
         " c.aws_account_id, c.license_arn, c.customer_identifier"
         " FROM buckets b JOIN customers c ON c.customer = b.customer"
         " WHERE b.state = 'sealed' ORDER BY b.hour"
     ).fetchall()
     frozen = 0
     for r in rows:
-        if r["dimension"] not in guard.dimensions:
-            log.error("dimension_not_configured", customer=r["customer"], dimension=r["dimension"], hour=r["hour"],
-                      hint="this sealed hour is not sent until its dimension is configured again")
+        why = guard.unbillable(r["dimension"], r["unit"])
+        if why is not None:
+            # Sealed under another configuration and never frozen (no ProductCode then, or a crash
+            # between sealing and freezing): its quantity is in a unit this release does not bill.
+            park(conn, customer=r["customer"], dimension=r["dimension"], hour=r["hour"], unit=r["unit"],
+                 raw=r["quantity"] * r["unit"], events=r["events"], first_event_at=r["first_event_at"],
+                 reason=why, now=int(now))
+            conn.execute("UPDATE buckets SET state = 'carried' WHERE customer = ? AND dimension = ? AND hour = ?",
+                         (r["customer"], r["dimension"], r["hour"]))
             continue
         ts = record_timestamp(r["hour"], r["first_event_at"])
         built = _payload(r, dimension=r["dimension"], quantity=r["quantity"], timestamp=ts, product_code=product_code)
@@ -302,6 +310,13 @@ def mark_terminal(conn: sqlite3.Connection, record: int, *, state: str, status: 
     _set_state(conn, record, state, aws_status=status, last_error=error)
 
 
+def due_now(conn: sqlite3.Connection, *, held_until: float, now: float) -> int:
+    """Pending records waiting for a retry time up to `held_until` become due now (a last chance at shutdown)."""
+    return conn.execute(
+        "UPDATE records SET next_attempt_at = ? WHERE state = 'pending' AND in_flight = 0 AND next_attempt_at <= ?",
+        (now, held_until)).rowcount
+
+
 def mark_retry(conn: sqlite3.Connection, records: Iterable[int], *, error: str, maybe_received: bool,
                next_attempt_at: Mapping[int, float]) -> None:
     """Back to pending, to be resent identically after its backoff."""
@@ -330,13 +345,17 @@ def replay(conn: sqlite3.Connection, *, states: Iterable[str], now: float, windo
     if not states:
         return {}
     marks = ",".join("?" for _ in states)
-    sql = f"SELECT id, timestamp, state, dimension, aws_status, maybe_received FROM records WHERE state IN ({marks})"
+    sql = ("SELECT id, customer, timestamp, state, dimension, aws_status, maybe_received FROM records"
+           f" WHERE state IN ({marks})")
     args: list[Any] = list(states)
     if customer:
         sql += f" AND {customer[0]}"
         args += customer[1]
     counts = {"resent": 0, "rebuilt": 0, "carried": 0, "unknown": 0}
+    renamed: set[tuple[str, str, str]] = set()  # (customer, OLD, NEW) whose OLD carry follows the usage
     for r in conn.execute(sql + " ORDER BY id", args).fetchall():
+        if r["dimension"] in rename and rename[r["dimension"]] in guard.dimensions:
+            renamed.add((r["customer"], r["dimension"], rename[r["dimension"]]))
         target = guard.dimensions.get(rename.get(r["dimension"], r["dimension"]))
         in_window = now < window_closes_at(r["timestamp"], window_s=window_s, margin_s=margin_s)
         if r["state"] == "rejected" and not r["maybe_received"] and certainly_refused(r["aws_status"]):
@@ -360,6 +379,13 @@ def replay(conn: sqlite3.Connection, *, states: Iterable[str], now: float, windo
                                  apply_deltas=apply_deltas, into=target if r["dimension"] in rename else None,
                                  reason=f"replayed by operator from {r['state']}")
             counts[state] += 1
+    for who, old, new in sorted(renamed):
+        moved = conn.execute("SELECT raw FROM carries WHERE customer = ? AND dimension = ?", (who, old)).fetchone()
+        if moved and moved[0]:
+            conn.execute("INSERT INTO carries (customer, dimension, raw) VALUES (?,?,?) ON CONFLICT (customer,"
+                         " dimension) DO UPDATE SET raw = raw + excluded.raw", (who, new, moved[0]))
+            conn.execute("UPDATE carries SET raw = 0 WHERE customer = ? AND dimension = ?", (who, old))
+            log.warning("remainder_renamed", customer=who, dimension=old, into=new, raw=moved[0])
     return counts
 
 

@@ -169,9 +169,12 @@ class Store:
                         note="their earlier send may have reached AWS; they are resent unchanged")
         store._thread = threading.Thread(target=store._writer, name="sidecar-writer", daemon=True)
         store._thread.start()
-        for tenant, ref in settings.customers.items():
-            if store._tenants.get(tenant) != ref.key:
-                store.call(functools.partial(store._map_tenant, tenant=tenant, ref=ref, source="config"))
+        if resume:  # the owner only: a CLI command beside the daemon must not change its tenant map
+            stranded = store.call(_stranded_tenants)
+            for tenant, ref in {**stranded, **settings.customers}.items():
+                if store._tenants.get(tenant) != ref.key or tenant in stranded:
+                    source = "config" if tenant in settings.customers else "api"
+                    store.call(functools.partial(store._map_tenant, tenant=tenant, ref=ref, source=source))
         return store
 
     def _birth(self, conn: sqlite3.Connection) -> int:
@@ -863,7 +866,8 @@ class Store:
     @property
     def guard(self) -> records.Guard:
         """The guardrails every record is checked against when it is frozen or rebuilt."""
-        return records.Guard(dimensions=self._dims, spike_factor=self.settings.spike_factor)
+        return records.Guard(dimensions=self._dims, spike_factor=self.settings.spike_factor,
+                             unbillable=self.unbillable)
 
     def freeze(self, conn: sqlite3.Connection, *, now: float) -> int:
         """Freeze sealed buckets into records (pending, or held by a guardrail)."""
@@ -973,3 +977,14 @@ def _busy_us(conn: sqlite3.Connection, hour: int) -> int:
     spans = conn.execute("SELECT start_us, end_us FROM engine_intervals WHERE end_us > ? AND start_us < ?",
                          (lo, hi)).fetchall()
     return (hi - lo) - uncovered_us(lo, hi, [(r[0], r[1]) for r in spans])
+
+
+def _stranded_tenants(conn: sqlite3.Connection) -> dict[str, CustomerRef]:
+    """Mapped tenants that still have unmapped usage (mapped by a process whose writer did not know)."""
+    out: dict[str, CustomerRef] = {}
+    for r in conn.execute(
+            "SELECT t.tenant, c.aws_account_id, c.license_arn, c.customer_identifier FROM tenants t"
+            " JOIN customers c ON c.customer = t.customer WHERE EXISTS (SELECT 1 FROM buckets b"
+            " WHERE b.customer = 'tenant:' || t.tenant AND b.state = 'unmapped')"):
+        out[r[0]] = CustomerRef(aws_account_id=r[1], license_arn=r[2], customer_identifier=r[3])
+    return out
