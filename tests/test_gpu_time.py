@@ -266,3 +266,38 @@ def test_dedicated_needs_a_customer() -> None:
                                "customer": "acme"}])
     assert dims[0].customer == "acme"
     assert DEFAULT_DIMENSIONS[2].gpu_mode == "fair_share"
+
+
+@hsettings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.tuples(st.just("advance"), st.integers(1, 3 * HOUR_S)),
+                          st.tuples(st.just("seal")), st.tuples(st.just("restart"), st.integers(0, HOUR_S))),
+                max_size=25), st.integers(1, 4))
+def test_dedicated_conservation(plan: list[tuple[Any, ...]], gpus: int) -> None:
+    """Any run of passes, restarts and downtime: the dedicated customer's GPU time is exactly the time
+    sidecar processes ran up to their last pass (x GPUs), never downtime, never an hour twice."""
+    with tempfile.TemporaryDirectory() as tmp:
+        clock = ManualClock(H10 + 17)
+        dims = gpu_dims("dedicated", customer=CustomerRef(customer_identifier="acme"))
+        s = Settings(db_path=Path(tmp) / "d.db", birth_hour="report", gpus=gpus, dimensions=dims)
+        store = Store.open(s.db_path, settings=s, clock=clock)
+        ran = 0.0
+        last_pass = clock.now()
+        try:
+            for step in plan:
+                if step[0] == "advance":
+                    clock.advance(step[1])
+                elif step[0] == "seal":
+                    store.seal_due_sync()
+                    ran += clock.now() - last_pass
+                    last_pass = clock.now()
+                else:
+                    store.close()  # a crash: the time since the last pass is not billed
+                    clock.advance(step[1])
+                    store = Store.open(s.db_path, settings=s, clock=clock)
+                    last_pass = clock.now()
+            store.seal_due_sync()
+            ran += clock.now() - last_pass
+            store.call(lambda conn: store._seal(conn, through=hour_start(clock.now()) + HOUR_S))
+        finally:
+            store.close()
+        assert sum(gpu_buckets(s.db_path).values()) == round(ran * US) * gpus
