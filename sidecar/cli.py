@@ -15,12 +15,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
+import structlog
+
 from sidecar import logs
 from sidecar import store as store_mod
 from sidecar.app import present_row
 from sidecar.clock import HOUR_S, SystemClock, hour_start
 from sidecar.config import DIMENSION_NAME, Settings, load_settings, validate_for_serving
-from sidecar.errors import BadArgument, ConfigError, DatabaseCorrupt
+from sidecar.errors import BadArgument, ConfigError, DatabaseCorrupt, StoreLocked
 from sidecar.events import NDJSON_TYPES, check_items, parse_body
 from sidecar.flush import Flusher, MeteringApi
 from sidecar.store import Store, records
@@ -91,8 +93,13 @@ def cmd_flush(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     out = summary.as_dict()
     with store_mod.reader(settings.db_path) as conn:
         out["open_buckets"] = store_mod.queries.open_bucket_count(conn)
+        left = store_mod.queries.left_behind(conn, clock.now())
+    if args.final and left:  # the file is about to be thrown away: say what it still holds
+        out["left_behind"] = left
+        structlog.get_logger("sidecar.cli").error(
+            "usage_left_behind", **left, note="this file still holds unsent usage; keep it until that is resolved")
     print(json.dumps(out, sort_keys=True))
-    return 1 if summary.failed and not settings.dry_run else 0
+    return 1 if (summary.failed or (args.final and left)) and not settings.dry_run else 0
 
 
 def cmd_replay(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -124,6 +131,16 @@ def cmd_release(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = _settings(args, env)
     logs.configure(level=settings.log_level, fmt=settings.log_format)
     pairs: list[str] = args.dimension or []
+    if args.state == "unmapped":
+        if not args.discard or not args.customer or not args.customer.startswith("tenant:"):
+            raise BadArgument("--state unmapped: give --customer tenant:NAME and --discard (map the tenant instead"
+                              " with PUT /v1/customers/NAME to bill it)")
+        store = Store.open(settings.db_path, settings=settings, clock=SystemClock(), resume=False)
+        try:
+            print(json.dumps({"discarded": store.discard_unmapped_sync(customer=args.customer)}, sort_keys=True))
+        finally:
+            store.close()
+        return 0
     if args.state == "unconfigured":
         if not pairs or any("=" not in p for p in pairs):
             raise BadArgument("--dimension: with --state unconfigured give OLD=NEW (repeatable): the parked "
@@ -140,7 +157,11 @@ def cmd_release(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             out = {"discarded" if args.discard else "released": n}
         else:
             try:
-                n = store.release_parked_sync(rename=dict(rename_pair(p) for p in pairs), customer=args.customer)
+                rename = dict(rename_pair(p) for p in pairs)
+            except argparse.ArgumentTypeError as exc:
+                raise BadArgument(f"--dimension: {exc}") from None
+            try:
+                n = store.release_parked_sync(rename=rename, customer=args.customer)
             except ValueError as exc:
                 raise BadArgument(str(exc)) from None
             out = {"released": n}
@@ -352,15 +373,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dimension", action="append", type=rename_pair, metavar="OLD=NEW",
                    help="rebuild or carry records of dimension OLD as the configured NEW (repeatable)")
     p = add("release", cmd_release, "Send (or discard) records a guardrail held, or bill parked usage.")
-    p.add_argument("--state", required=True, choices=("held", "unconfigured"),
-                   help="held: records over a guardrail; unconfigured: usage parked for want of a dimension")
+    p.add_argument("--state", required=True, choices=("held", "unconfigured", "unmapped"),
+                   help="held: records over a guardrail; unconfigured: usage parked for want of a dimension;"
+                        " unmapped: a tenant's usage nobody should pay for (with --discard)")
     p.add_argument("--customer", type=customer_filter,
                    help="only this customer: its key, a 12-digit AWS account id or a customer identifier (exact)")
     p.add_argument("--dimension", action="append", type=non_empty,
                    help="held: only this dimension; unconfigured: OLD=NEW (repeatable)")
     p.add_argument("--record", type=int, help="held: only this record id (as /usage shows it)")
     p.add_argument("--discard", action="store_true",
-                   help="held: do not send; end the records as expired (visible, never billed)")
+                   help="held: do not send; end the records as `discarded` (visible, never billed); "
+                        "unmapped: give the tenant's unmapped usage up (`discarded`)")
     add("migrate", cmd_migrate, "Apply pending schema migrations to the database.")
     p = add("usage", cmd_usage, "Show usage buckets read straight from the database file.")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -417,6 +440,9 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return 2
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except StoreLocked as exc:
+        print(f"sidecar {args.command}: {exc}", file=sys.stderr)
         return 2
     except DatabaseCorrupt as exc:
         print(f"database corrupt, refusing to start: {exc}\n"

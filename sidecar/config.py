@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -30,6 +31,7 @@ ACCOUNT_ID = re.compile(r"[0-9]{12}\Z", re.ASCII)
 # arn:aws:license-manager::<12-digit account>:license:l-<32 hex>, in any AWS partition.
 LICENSE_ARN = re.compile(r"arn:aws(-[a-z]+)*:license-manager::[0-9]{12}:license[:/]l-[0-9a-f]{32}\Z", re.ASCII)
 MAX_QUANTITY = 2_147_483_647  # AWS's Quantity ceiling for one record
+MAX_GPUS = 1024  # SIDECAR_GPUS: far above any one task, low enough that GPU µs stay 64-bit
 CUSTOMER_IDENTIFIER = re.compile(r"[!-~]{1,255}\Z", re.ASCII)  # printable ASCII, no whitespace
 
 
@@ -354,6 +356,8 @@ def _convert(key: str, where: str, value: Any) -> dict[str, Any]:
             raise ConfigError(f"{where}: must be greater than 0")
         if key in _NON_NEGATIVE and value < 0:
             raise ConfigError(f"{where}: must not be negative")
+        if key == "gpus" and value > MAX_GPUS:
+            raise ConfigError(f"{where}: must be at most {MAX_GPUS} (GPUs one task holds)")
         return {key: value}
     if key in _CHOICES:
         text = str(value)
@@ -377,14 +381,18 @@ def _typed(kind: type, where: str, value: Any) -> Any:
         raise ConfigError(f"{where}: must be true or false")
     if isinstance(value, str):
         try:
-            return kind(value)
+            number = kind(value)
         except ValueError:
             raise ConfigError(f"{where}: not a number") from None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    elif isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{where}: not a number")
-    if kind is int and not float(value).is_integer():
+    elif kind is int and not float(value).is_integer():
         raise ConfigError(f"{where}: must be a whole number")
-    return kind(value)
+    else:
+        number = kind(value)
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}: must be a finite number")
+    return number
 
 
 def parse_listen(where: str, value: str) -> tuple[str, int]:
@@ -448,8 +456,9 @@ def _gpu_mode(item: Mapping[str, Any], where: str, *, source: str) -> tuple[str 
     """A gpu_seconds dimension's `mode` and, for `dedicated`, its `customer` (a tenant name or a table)."""
     mode, customer = item.get("mode"), item.get("customer")
     if source != "gpu_seconds":
-        if mode is not None or customer is not None:
-            raise ConfigError(f"{where}.mode: only a gpu_seconds dimension has a mode")
+        for key in ("mode", "customer"):
+            if item.get(key) is not None:
+                raise ConfigError(f"{where}.{key}: only a gpu_seconds dimension has a {key}")
         return None, None
     mode = "fair_share" if mode is None else mode
     if mode not in GPU_MODES:

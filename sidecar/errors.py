@@ -44,6 +44,10 @@ class UnknownTenant(SidecarError):
     """Raised when an operation names a tenant that has no customer mapping."""
 
 
+class StoreLocked(SidecarError):
+    """Raised at start when another process (serve or flush) already owns the database file."""
+
+
 class DatabaseCorrupt(SidecarError):
     """Raised at start when the database fails SQLite's integrity check; it is never replaced silently."""
 

@@ -292,3 +292,100 @@ async def test_unmapped_events_are_counted_once(tmp_path: Path) -> None:
         assert summary["oldest_event_at"] == H10 + 20
     finally:
         store.close()
+
+
+# ---- the operator's review -------------------------------------------------------------------
+
+
+def test_one_owner_per_database_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """While a daemon owns the file, `flush --once --final` on it is refused (exit 2, one line) instead
+    of sealing the daemon's open hour behind its back; once the daemon is gone it runs."""
+    from sidecar.cli import main
+    from sidecar.errors import StoreLocked
+
+    db = tmp_path / "o.db"
+    s = Settings(db_path=db, birth_hour="report")
+    daemon = Store.open(db, settings=s, clock=ManualClock(H10))
+    try:
+        with pytest.raises(StoreLocked):
+            Store.open(db, settings=s, clock=ManualClock(H10))
+        capsys.readouterr()
+        env = {"SIDECAR_DB": str(db), "AWS_REGION": "us-east-1", "SIDECAR_DRY_RUN": "true"}
+        assert main(["flush", "--once", "--final", "--dry-run"], env=env) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "owns this database" in err[0]
+        Store.open(db, settings=s, clock=ManualClock(H10), resume=False).close()  # readers/CLI beside it: fine
+    finally:
+        daemon.close()
+    Store.open(db, settings=s, clock=ManualClock(H10)).close()
+
+
+async def test_flush_final_fails_while_the_file_still_holds_usage(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`flush --once --final` on a file with unmapped usage exits 1 and lists it, so nobody deletes
+    the volume believing it was emptied."""
+    import asyncio
+    import json
+    import time
+
+    from sidecar.cli import main
+    from sidecar.simulator import Simulator, SimulatorConfig, start
+
+    sim = Simulator(SimulatorConfig(subscribe_all=True, product_code="prod-test-1"))
+    runner, url = await start(sim)
+    try:
+        db = tmp_path / "dead.db"
+        now = time.time()
+        store = Store.open(db, settings=Settings(db_path=db, birth_hour="report"), clock=ManualClock(now))
+        ingest(store, ManualClock(now), event("u", when=now - 5, customer={"tenant": "acme"}),
+               event("c", when=now - 5))
+        store.close()
+        env = {"AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b",
+               "AWS_ENDPOINT_URL_MARKETPLACE_METERING": url, "SIDECAR_PRODUCT_CODE": "prod-test-1",
+               "SIDECAR_DB": str(db)}
+        capsys.readouterr()
+        assert await asyncio.to_thread(main, ["flush", "--once", "--final", "--timeout", "5"], env) == 1
+        out = json.loads(capsys.readouterr().out)
+        assert out["left_behind"]["unmapped"]["tenants"] == ["acme"]
+    finally:
+        await runner.cleanup()
+
+
+async def test_unmapped_usage_nobody_pays_for_can_be_discarded(tmp_path: Path) -> None:
+    """`release --state unmapped --customer tenant:NAME --discard`: the usage ends discarded, the alarm clears."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from sidecar.app import create_app
+    from sidecar.cli import main
+
+    clock = ManualClock(H10 + 120)
+    s = Settings(db_path=tmp_path / "n.db", birth_hour="report")
+    store = Store.open(s.db_path, settings=s, clock=clock)
+    ingest(store, clock, event("x", when=H10 + 60, customer={"tenant": "unattributed"}))
+    store.close()
+    env = {"SIDECAR_DB": str(s.db_path)}
+    assert main(["release", "--state", "unmapped", "--customer", "unattributed"], env=env) == 2
+    assert main(["release", "--state", "unmapped", "--customer", "tenant:unattributed", "--discard"], env=env) == 0
+    async with TestClient(TestServer(create_app(s, clock=clock, background=False))) as c:
+        health = await (await c.get("/healthz")).json()
+    assert health["unmapped"] is None and health["status"] == "ok"
+    assert rows(s.db_path, "SELECT DISTINCT state FROM buckets") == [("discarded",)]
+
+
+def test_operator_input_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """A malformed OLD=NEW and out-of-range settings are refused by name, never a traceback."""
+    from sidecar.cli import main
+    from sidecar.config import load_settings
+    from sidecar.errors import ConfigError
+
+    assert main(["release", "--state", "unconfigured", "--dimension", "=prompt-tokens"], env={}) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--dimension" in err[0]
+    with pytest.raises(ConfigError, match="SIDECAR_SPIKE_FACTOR: must be a finite number"):
+        load_settings({"SIDECAR_SPIKE_FACTOR": "nan"})
+    with pytest.raises(ConfigError, match="SIDECAR_GPUS: must be at most 1024"):
+        load_settings({"SIDECAR_GPUS": "1000000000000"})
+    from sidecar.config import _parse_dimensions
+
+    with pytest.raises(ConfigError, match=r"dimensions\[0\]\.customer"):
+        _parse_dimensions([{"name": "r", "source": "count", "customer": "acme"}])

@@ -198,7 +198,10 @@ def unmapped_summary(conn: sqlite3.Connection, now: float) -> dict[str, Any] | N
     for r in rows:
         raw[r["dimension"]] = raw.get(r["dimension"], 0) + r["raw"]
     # Events are counted, and aged, from the event rows themselves (kept while their bucket is unmapped).
-    ev = conn.execute("SELECT count(*), min(time) FROM events WHERE substr(customer, 1, 7) = 'tenant:'").fetchone()
+    ev = conn.execute(
+        "SELECT count(*), min(e.time) FROM events e WHERE substr(e.customer, 1, 7) = 'tenant:' AND EXISTS"
+        " (SELECT 1 FROM buckets b WHERE b.customer = e.customer AND b.hour = e.hour AND b.state = 'unmapped')"
+    ).fetchone()
     first = ev[1] if ev[1] is not None else min(r["first"] for r in rows)
     return {"tenants": sorted({r["tenant"] for r in rows}), "events": ev[0], "raw_by_dimension": raw,
             "oldest_event_at": first, "oldest_age_s": max(0, int(now) - first)}

@@ -479,6 +479,19 @@ def release_held(conn: sqlite3.Connection, *, customer: tuple[str, list[Any]] | 
     return len(rows)
 
 
+def discard_unmapped(conn: sqlite3.Connection, *, customer: tuple[str, list[Any]], now: float) -> int:
+    """An operator gives up a tenant's unmapped usage (e.g. traffic without a tenant header that no
+    customer should pay for): its buckets end `discarded`, visible and never billed."""
+    rows = conn.execute("SELECT customer, dimension, hour, raw FROM buckets WHERE state = 'unmapped'"
+                        f" AND {customer[0]}", customer[1]).fetchall()
+    for r in rows:
+        conn.execute("UPDATE buckets SET state = 'discarded', sealed_at = ? WHERE customer = ? AND dimension = ?"
+                     " AND hour = ?", (int(now), r["customer"], r["dimension"], r["hour"]))
+        log.warning("unmapped_usage_discarded", customer=r["customer"], dimension=r["dimension"], hour=r["hour"],
+                    raw=r["raw"])
+    return len(rows)
+
+
 def release_parked(conn: sqlite3.Connection, *, dimension: str, into: Dimension,
                    customer: tuple[str, list[Any]] | None, now: float, watermark: int,
                    apply_deltas: DeltaSink) -> int:

@@ -19,13 +19,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import structlog
 
 from sidecar.clock import HOUR_S, Clock, hour_start
 from sidecar.config import MAX_QUANTITY, CustomerRef, Dimension, Settings
-from sidecar.errors import StoreBusy, StoreClosed
+from sidecar.errors import StoreBusy, StoreClosed, StoreLocked
 from sidecar.events import UsageEvent
 from sidecar.store import queries, records
 from sidecar.store.db import _unavailable, check_integrity, connect, migrate
@@ -126,6 +126,7 @@ class Store:
         self._tenants: dict[str, str] = {}
         self._dims = {d.name: d for d in settings.dimensions}
         self._final_sealed = False  # set by a final seal: the store is stopping
+        self._lock_file: IO[bytes] | None = None  # held while this process owns the file (serve, flush)
         self._gpu_dims = [d for d in settings.dimensions if d.gpu_mode is not None]
         self._fair_dims = [d for d in self._gpu_dims if d.gpu_mode == "fair_share"]
         self._dedicated_dims = [d for d in self._gpu_dims if d.gpu_mode == "dedicated"]
@@ -145,9 +146,16 @@ class Store:
         only the process that owns sending (the daemon, or `flush --once`) may do that.
         """
         path.parent.mkdir(parents=True, exist_ok=True)
-        check_integrity(path)
-        migrate(path)
+        lock = _own(path) if resume else None
+        try:
+            check_integrity(path)
+            migrate(path)
+        except BaseException:
+            if lock is not None:
+                lock.close()
+            raise
         store = cls(path, settings=settings, clock=clock)
+        store._lock_file = lock
         store._conn = connect(path, synchronous=settings.synchronous)
         store._tenants = {
             r["tenant"]: r["customer"] for r in store._conn.execute("SELECT tenant, customer FROM tenants")
@@ -465,7 +473,8 @@ class Store:
         `final` (SIGTERM, `flush --once --final`) also settles remainders by `settle_remainders`.
         """
         now = self.clock.now()
-        watermark = max(self.watermark(now), through or 0)
+        # The stored watermark too: it never moves back, whatever this process last saw.
+        watermark = max(self.watermark(now), through or 0, _meta_int(conn, WATERMARK_KEY) or 0)
         if self.settings.heartbeats:
             self._add_heartbeats(conn, sealed_before=self._watermark, watermark=watermark, now=now)
         if self._gpu_dims:
@@ -920,6 +929,12 @@ class Store:
             conn, customer=customer_clause(customer), dimension=dimension, record_id=record_id, discard=discard,
             now=self.clock.now()))
 
+    def discard_unmapped_sync(self, *, customer: str) -> int:
+        """Give up the unmapped usage of the tenant(s) `customer` names; returns buckets discarded."""
+        clause = customer_clause(customer)
+        assert clause is not None
+        return self.call(lambda conn: records.discard_unmapped(conn, customer=clause, now=self.clock.now()))
+
     def release_parked_sync(self, *, rename: Mapping[str, str], customer: str | None = None) -> int:
         """Move parked (`unconfigured`) usage into configured dimensions (OLD=NEW); returns rows moved."""
         self.check_rename(rename)
@@ -941,6 +956,8 @@ class Store:
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join()
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the flock
 
 
 def _meta_int(conn: sqlite3.Connection, key: str) -> int | None:
@@ -988,3 +1005,22 @@ def _stranded_tenants(conn: sqlite3.Connection) -> dict[str, CustomerRef]:
             " WHERE b.customer = 'tenant:' || t.tenant AND b.state = 'unmapped')"):
         out[r[0]] = CustomerRef(aws_account_id=r[1], license_arn=r[2], customer_identifier=r[3])
     return out
+
+
+def _own(path: Path) -> IO[bytes]:
+    """Take the exclusive lock that makes this process the file's only owner (a `.lock` beside it).
+
+    Two owners (a daemon and `flush --once --final` on the same file, or two daemons on one EFS
+    directory) would seal with different watermarks and send the same hours. The lock goes with the
+    process, so a SIGKILLed owner never leaves it behind.
+    """
+    import fcntl
+
+    handle = open(f"{path}.lock", "ab")  # noqa: SIM115  (held open for the store's lifetime)
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise StoreLocked(f"{path}: another sidecar process (serve or flush) owns this database;"
+                          " stop it first") from None
+    return handle
