@@ -190,7 +190,7 @@ async def test_the_unit_bug_would_end_held(tmp_path: Path) -> None:
         conn.commit()
         conn.close()
         k.reopen()
-        k.store.unbillable = lambda dimension, raw_unit: None  # type: ignore[method-assign]
+        k.store.rules.unbillable = lambda dimension, raw_unit: None  # type: ignore[method-assign]
         k.clock.set(SEALED)
         await k.flusher.flush_once()
         held = {r["dimension"]: r for r in k.records() if r["state"] == "held"}

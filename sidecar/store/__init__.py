@@ -6,9 +6,10 @@ the same operations.
 """
 
 from sidecar.store import queries
+from sidecar.store.buckets import IngestResult
 from sidecar.store.db import check_integrity, connect, migrate, schema_dir
 from sidecar.store.queries import UsageFilter, health, reader, usage_rows, usage_totals
-from sidecar.store.writer import IngestResult, Store
+from sidecar.store.writer import Store
 
 __all__ = [
     "IngestResult",
