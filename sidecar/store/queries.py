@@ -70,7 +70,8 @@ def customer_clause(text: str, column: str) -> tuple[str, list[Any]]:
     return f"{column} = ?", [f"identifier:{text}"]
 
 
-def _where(f: UsageFilter, alias: str = "b") -> tuple[str, list[Any]]:
+def _who(f: UsageFilter, alias: str) -> tuple[list[str], list[Any]]:
+    """The filter's customer and dimension conditions on a table with those two columns."""
     clauses: list[str] = []
     args: list[Any] = []
     if f.customer is not None:
@@ -80,6 +81,11 @@ def _where(f: UsageFilter, alias: str = "b") -> tuple[str, list[Any]]:
     if f.dimension is not None:
         clauses.append(f"{alias}.dimension = ?")
         args.append(f.dimension)
+    return clauses, args
+
+
+def _where(f: UsageFilter, alias: str = "b") -> tuple[str, list[Any]]:
+    clauses, args = _who(f, alias)
     if f.state is not None:
         clauses.append(f"{alias}.state = ?")
         args.append(f.state)
@@ -127,15 +133,11 @@ def usage_totals(conn: sqlite3.Connection, f: UsageFilter) -> list[dict[str, Any
             t["quantity_by_state"][r["state"]] = 0
         else:
             t["quantity_by_state"][r["state"]] = r["quantity"] or 0
-    carry_sql = "SELECT customer, dimension, raw FROM carries"
-    carry_args: list[Any] = []
-    if f.customer is not None:
-        clause, values = customer_clause(f.customer, "customer")
-        carry_sql += f" WHERE {clause}"
-        carry_args += values
-    for r in conn.execute(carry_sql, carry_args):
+    clauses, carry_args = _who(f, "c")
+    carry_where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+    for r in conn.execute(f"SELECT c.customer, c.dimension, c.raw FROM carries c{carry_where}", carry_args):
         found = totals.get((r["customer"], r["dimension"]))
-        if found is None and r["raw"] and (f.dimension is None or f.dimension == r["dimension"]):
+        if found is None and r["raw"]:
             # A remainder whose buckets are gone from the view (e.g. a renamed or dropped dimension)
             found = totals[(r["customer"], r["dimension"])] = {
                 "customer": r["customer"], "dimension": r["dimension"], "unit_raw": None, "open_raw": 0,
@@ -147,15 +149,8 @@ def usage_totals(conn: sqlite3.Connection, f: UsageFilter) -> list[dict[str, Any
 
 def parked_rows(conn: sqlite3.Connection, f: UsageFilter) -> list[dict[str, Any]]:
     """Usage parked because the running configuration cannot bill it (state `unconfigured`)."""
-    sql = "SELECT * FROM parked p WHERE p.state = 'unconfigured'"
-    args: list[Any] = []
-    if f.customer is not None:
-        clause, values = customer_clause(f.customer, "p.customer")
-        sql += f" AND {clause}"
-        args += values
-    if f.dimension is not None:
-        sql += " AND p.dimension = ?"
-        args.append(f.dimension)
+    clauses, args = _who(f, "p")
+    sql = "SELECT * FROM parked p WHERE " + " AND ".join(["p.state = 'unconfigured'", *clauses])
     return [dict(r) for r in conn.execute(sql + " ORDER BY p.id", args)]
 
 
