@@ -13,7 +13,6 @@ call; the first answer makes every waiting record due at once, so a backlog leav
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import random
 import time
@@ -28,8 +27,8 @@ import structlog
 from sidecar.clock import Clock
 from sidecar.config import Settings
 from sidecar.marketplace import CallResult
-from sidecar.store import Store
-from sidecar.store import records as rec
+from sidecar.store.protocol import SendingStore
+from sidecar.store.records import DueRecord, Settlement, aws_accepts
 
 log = structlog.get_logger("sidecar.flush")
 
@@ -68,9 +67,9 @@ def backoff_s(attempts: int, *, cap_s: float, rng: random.Random) -> float:
     return rng.uniform(0, min(cap_s, BASE_BACKOFF_S * 2 ** max(attempts - 1, 0)))
 
 
-def split_batches(records: Sequence[rec.DueRecord]) -> list[list[rec.DueRecord]]:
+def split_batches(records: Sequence[DueRecord]) -> list[list[DueRecord]]:
     """Keep each call under AWS's request size limit (25 small records never come close)."""
-    batches: list[list[rec.DueRecord]] = [[]]
+    batches: list[list[DueRecord]] = [[]]
     size = 0
     for r in records:
         n = len(json.dumps(r.payload)) + 2
@@ -130,7 +129,7 @@ class FlushSummary:
 class Flusher:
     """Sends what is owed. One instance per store; never run two at once."""
 
-    def __init__(self, store: Store, api: MeteringApi | None, settings: Settings, clock: Clock, *,
+    def __init__(self, store: SendingStore, api: MeteringApi | None, settings: Settings, clock: Clock, *,
                  rng: random.Random | None = None, pacer: Pacer | None = None) -> None:
         self.store = store
         self.api = api
@@ -149,14 +148,9 @@ class Flusher:
         self._unsettled: dict[int, bool] = {}  # record id -> maybe received, for answers not stored
 
     async def prepare(self, summary: FlushSummary | None = None) -> int:
-        """Seal due hours, freeze sealed buckets, close expired windows; returns records frozen."""
-        s = self.settings
-        await self.store.seal_due()
-        now = self.clock.now()
-        frozen = await self.store.run(lambda c: self.store.freeze(c, now=now))
-        closed = await self.store.run(lambda c: rec.close_windows(
-            c, now=now, window_s=s.window_s, margin_s=s.window_margin_s, policy=s.expired_policy,
-            watermark=self.store.watermark(now), apply_deltas=self.store.apply_deltas))
+        """Seal due hours, freeze sealed buckets, close expired windows (one transaction); returns
+        records frozen."""
+        frozen, closed = await self.store.prepare_flush(now=self.clock.now())
         for state, n in closed.items():
             self.records_by_outcome[state] += n
             if summary is not None:
@@ -178,12 +172,12 @@ class Flusher:
             else:
                 while not self.paused():
                     now = self.clock.now()
-                    batch = await self.store.run(functools.partial(rec.claim, now=now, limit=MAX_RECORDS_PER_CALL))
+                    batch = await self.store.claim(now=now, limit=MAX_RECORDS_PER_CALL)
                     if not batch:
                         break
                     for part in split_batches(batch):
                         await self._send(part, summary)
-            summary.pending, summary.next_attempt_at = await self.store.run(rec.pending_summary)
+            summary.pending, summary.next_attempt_at = await self.store.pending_summary()
             if summary.calls or summary.frozen:
                 log.info("flush_done", **summary.as_dict())
             return summary
@@ -232,14 +226,14 @@ class Flusher:
                     probed = True
                     held_until, now = self.paused_until or 0.0, self.clock.now()
                     self.paused_until = now
-                    await self.store.run(functools.partial(rec.due_now, held_until=held_until, now=now))
+                    await self.store.due_now(held_until=held_until, now=now)
                     continue
                 return total
             await asyncio.sleep(max(wait, 0.05))
 
     async def _dry_run(self, summary: FlushSummary) -> None:
         now = self.clock.now()
-        due = await self.store.run(lambda c: rec.peek_due(c, now=now, limit=10_000))
+        due = await self.store.peek_due(now=now, limit=10_000)
         for part in split_batches(due):
             request: dict[str, Any] = {"UsageRecords": [r.payload for r in part]}
             if part[0].product_code:
@@ -247,7 +241,7 @@ class Flusher:
             log.info("dry_run_request", operation="BatchMeterUsage", request=request)
             summary.outcomes["dry_run"] += len(part)
 
-    async def _call(self, batch: Sequence[rec.DueRecord]) -> CallResult:
+    async def _call(self, batch: Sequence[DueRecord]) -> CallResult:
         assert self.api is not None
         await self.pacer.wait()
         result = await asyncio.to_thread(
@@ -255,7 +249,7 @@ class Flusher:
         self.calls_by_outcome[result.error.split(":")[0] if result.error else result.kind] += 1
         return result
 
-    async def _send(self, batch: list[rec.DueRecord], summary: FlushSummary) -> None:
+    async def _send(self, batch: list[DueRecord], summary: FlushSummary) -> None:
         # If the call or the writing of its answer is cut short (crash, cancellation, disk full),
         # the records stay marked in flight in the database. The next pass of this process puts
         # them back (a restart does the same through resume_in_flight), possibly received unless
@@ -283,15 +277,12 @@ class Flusher:
         if not self._unsettled:
             return
         now = self.clock.now()
-        for maybe in (True, False):
-            ids = [rid for rid, m in self._unsettled.items() if m is maybe]
-            if ids:
-                await self.store.run(functools.partial(
-                    rec.mark_retry, records=ids, error="outcome could not be stored; resending",
-                    maybe_received=maybe, next_attempt_at=dict.fromkeys(ids, now)))
+        await self.store.settle([Settlement(record=rid, outcome="retry", error="outcome could not be stored; resending",
+                                            maybe_received=maybe, next_attempt_at=now)
+                                 for rid, maybe in self._unsettled.items()], now=now)
         self._unsettled.clear()
 
-    async def _settle(self, batch: list[rec.DueRecord], result: CallResult, summary: FlushSummary) -> None:
+    async def _settle(self, batch: list[DueRecord], result: CallResult, summary: FlushSummary) -> None:
         """Act on one call's result: record outcomes, retry, close windows, or bisect."""
         now = self.clock.now()
         if result.kind == "retry":
@@ -303,7 +294,7 @@ class Flusher:
         if result.kind == "answered":
             await self._apply_answer(batch, result, now, summary)
         elif result.kind == "timestamp":
-            outside = [r for r in batch if not rec.aws_accepts(r.timestamp, now=now, window_s=self.settings.window_s)]
+            outside = [r for r in batch if not aws_accepts(r.timestamp, now=now, window_s=self.settings.window_s)]
             if outside:
                 await self._close(outside, summary, reason=result.error or "TimestampOutOfBounds")
                 rest = [r for r in batch if r not in outside]
@@ -320,16 +311,16 @@ class Flusher:
             code = result.error.split(":")[0] if result.error else None
             await self._terminal(batch[0], "rejected", code, result.error or "invalid", summary)
 
-    async def _bisect(self, batch: list[rec.DueRecord], summary: FlushSummary) -> None:
+    async def _bisect(self, batch: list[DueRecord], summary: FlushSummary) -> None:
         mid = len(batch) // 2
         await self._send(batch[:mid], summary)
         await self._send(batch[mid:], summary)
 
-    async def _apply_answer(self, batch: list[rec.DueRecord], result: CallResult, now: float,
+    async def _apply_answer(self, batch: list[DueRecord], result: CallResult, now: float,
                             summary: FlushSummary) -> None:
         by_key = {r.match_key: r for r in batch}
         seen: set[int] = set()
-        done: list[tuple[rec.DueRecord, str, str, str | None]] = []  # record, outcome, status, record id
+        done: list[tuple[DueRecord, str, str, str | None]] = []  # record, outcome, status, record id
         for res in result.results:
             r = by_key.get(result_key(batch[0].scheme, res.get("UsageRecord", {})))
             if r is None or r.id in seen:
@@ -347,36 +338,33 @@ class Flusher:
                 unprocessed.append(r)
         missing = [r for r in batch if r.id not in seen]
 
-        def apply(conn: Any) -> None:
-            for r, outcome, status, mrid in done:
-                if outcome == "sent":
-                    rec.mark_sent(conn, r.id, status=status, metering_record_id=mrid, now=now)
-                elif outcome == "conflict":
-                    rec.mark_terminal(conn, r.id, state="conflict", status=status,
-                                      error="AWS already holds a different record for this customer, "
-                                            "dimension and hour (another sender?)")
-                elif outcome == "rejected":
-                    rec.mark_terminal(conn, r.id, state="rejected", status=status,
-                                      error="customer not subscribed; replay after they subscribe")
-                else:
-                    rec.mark_retry(conn, [r.id], error=f"unexpected status {status!r}", maybe_received=True,
-                                   next_attempt_at={r.id: now + self._backoff(r)})
-
-        await self.store.run(apply)
+        errors = {"sent": "", "conflict": "AWS already holds a different record for this customer, dimension and"
+                                         " hour (another sender?)",
+                  "rejected": "customer not subscribed; replay after they subscribe"}
+        settlements = [
+            Settlement(record=r.id, outcome=outcome, status=status, metering_record_id=mrid,
+                       error=errors.get(outcome, f"unexpected status {status!r}"), maybe_received=True,
+                       next_attempt_at=now + self._backoff(r))
+            for r, outcome, status, mrid in done]
+        retries = [(unprocessed, "UnprocessedRecords", False),
+                   (missing, "no result for this record in the answer", True)]
+        for group, error, maybe in retries:
+            settlements += [Settlement(record=r.id, outcome="retry", error=error, maybe_received=maybe,
+                                       next_attempt_at=now + self._backoff(r)) for r in group]
+        await self.store.settle(settlements, now=now)  # one transaction for the whole answer
         for r, outcome, _, _ in done:
             summary.outcomes[outcome] += 1
             self.records_by_outcome[outcome] += 1
             if outcome == "conflict":
                 log.error("record_conflict", record=r.id, payload=r.payload)
-        if unprocessed:
-            await self._retry(unprocessed, "UnprocessedRecords", False, summary)
-        if missing:
-            await self._retry(missing, "no result for this record in the answer", True, summary)
+        for group, error, maybe in retries:
+            if group:
+                self._count_retry(len(group), error, maybe, summary)
 
-    def _backoff(self, r: rec.DueRecord) -> float:
+    def _backoff(self, r: DueRecord) -> float:
         return backoff_s(r.attempts, cap_s=self.settings.max_backoff_s, rng=self.rng)
 
-    async def _pause(self, batch: list[rec.DueRecord], result: CallResult, summary: FlushSummary) -> None:
+    async def _pause(self, batch: list[DueRecord], result: CallResult, summary: FlushSummary) -> None:
         """A request-level failure: back the whole sender off once (exponential, full jitter) and
         hold the batch, unchanged, for the probe that ends the pause."""
         failures = self.consecutive_failures + 1
@@ -390,33 +378,29 @@ class Flusher:
         log.warning("sender_paused", failures=failures, resume_in_s=round(resume_at - self.clock.now(), 3),
                     error=error)
 
-    async def _retry(self, batch: Sequence[rec.DueRecord], error: str, maybe_received: bool,
+    async def _retry(self, batch: Sequence[DueRecord], error: str, maybe_received: bool,
                      summary: FlushSummary, *, at: float | None = None) -> None:
         """Back to pending: due at `at` (the sender's pause), else after each record's own backoff."""
         now = self.clock.now()
-        next_at = {r.id: now + self._backoff(r) if at is None else at for r in batch}
-        await self.store.run(lambda c: rec.mark_retry(c, [r.id for r in batch], error=error,
-                                                      maybe_received=maybe_received, next_attempt_at=next_at))
-        summary.outcomes["retry"] += len(batch)
-        self.records_by_outcome["retry"] += len(batch)
-        log.warning("send_retry", records=len(batch), error=error, maybe_received=maybe_received)
+        await self.store.settle([Settlement(record=r.id, outcome="retry", error=error, maybe_received=maybe_received,
+                                            next_attempt_at=now + self._backoff(r) if at is None else at)
+                                 for r in batch], now=now)
+        self._count_retry(len(batch), error, maybe_received, summary)
 
-    async def _terminal(self, r: rec.DueRecord, state: str, status: str | None, error: str,
+    def _count_retry(self, n: int, error: str, maybe_received: bool, summary: FlushSummary) -> None:
+        summary.outcomes["retry"] += n
+        self.records_by_outcome["retry"] += n
+        log.warning("send_retry", records=n, error=error, maybe_received=maybe_received)
+
+    async def _terminal(self, r: DueRecord, state: str, status: str | None, error: str,
                         summary: FlushSummary) -> None:
-        await self.store.run(lambda c: rec.mark_terminal(c, r.id, state=state, status=status, error=error))
+        await self.store.settle([Settlement(record=r.id, outcome=state, status=status, error=error)],
+                                now=self.clock.now())
         summary.outcomes[state] += 1
         self.records_by_outcome[state] += 1
         log.error("record_rejected", record=r.id, error=error, payload=r.payload)
 
-    async def _close(self, batch: Sequence[rec.DueRecord], summary: FlushSummary, *, reason: str) -> None:
-        now = self.clock.now()
-        s = self.settings
-
-        def apply(conn: Any) -> list[str]:
-            return [rec.close_window(conn, r.id, policy=s.expired_policy, now=now,
-                                     watermark=self.store.watermark(now), apply_deltas=self.store.apply_deltas,
-                                     reason=reason) for r in batch]
-
-        for state in await self.store.run(apply):
+    async def _close(self, batch: Sequence[DueRecord], summary: FlushSummary, *, reason: str) -> None:
+        for state in await self.store.close_records([r.id for r in batch], now=self.clock.now(), reason=reason):
             summary.outcomes[state] += 1
             self.records_by_outcome[state] += 1

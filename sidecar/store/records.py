@@ -298,6 +298,33 @@ def claim(conn: sqlite3.Connection, *, now: float, limit: int = 25) -> list[DueR
     return picked
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settlement:
+    """How one record's send ended; all of one AWS answer are written in one transaction."""
+
+    record: int
+    outcome: str  # sent, conflict, rejected, or retry (back to pending, due at next_attempt_at)
+    status: str | None = None  # AWS's per-record Status or error code
+    metering_record_id: str | None = None
+    error: str = ""
+    maybe_received: bool = False  # retry: an earlier send of it may have landed
+    next_attempt_at: float = 0.0
+
+
+def settle(conn: sqlite3.Connection, settlements: Iterable[Settlement], *, now: float) -> None:
+    """Write the outcomes of one call (see Settlement)."""
+    for s in settlements:
+        if s.outcome == "sent":
+            mark_sent(conn, s.record, status=s.status or "Success", metering_record_id=s.metering_record_id, now=now)
+        elif s.outcome in ("conflict", "rejected"):
+            mark_terminal(conn, s.record, state=s.outcome, status=s.status, error=s.error)
+        elif s.outcome == "retry":
+            mark_retry(conn, [s.record], error=s.error, maybe_received=s.maybe_received,
+                       next_attempt_at={s.record: s.next_attempt_at})
+        else:
+            raise ValueError(f"unknown outcome {s.outcome!r}")
+
+
 def mark_sent(conn: sqlite3.Connection, record: int, *, status: str, metering_record_id: str | None,
               now: float) -> None:
     """AWS accepted the record (Success, or a DuplicateRecord of our own earlier send)."""

@@ -352,6 +352,52 @@ class Store:
         self._queue.put(_Job(fn=None, events=events, afuture=fut, loop=loop))
         return await fut
 
+    # ---- sending (protocol.SendingStore) --------------------------------------------------------
+
+    async def prepare_flush(self, *, now: float) -> tuple[int, dict[str, int]]:
+        """Seal due hours, freeze sealed buckets, close expired windows: one transaction."""
+        s = self.settings
+
+        def run(conn: sqlite3.Connection) -> tuple[int, dict[str, int]]:
+            self.rules._seal(conn)
+            frozen = self.rules.freeze(conn, now=now)
+            closed = records.close_windows(conn, now=now, window_s=s.window_s, margin_s=s.window_margin_s,
+                                           policy=s.expired_policy, watermark=self.rules.watermark(now),
+                                           apply_deltas=self.rules.apply_deltas)
+            return frozen, closed
+
+        return await self.run(run)
+
+    async def claim(self, *, now: float, limit: int) -> list[records.DueRecord]:
+        """The oldest due records of one scheme and product, marked in flight."""
+        return await self.run(functools.partial(records.claim, now=now, limit=limit))
+
+    async def peek_due(self, *, now: float, limit: int) -> list[records.DueRecord]:
+        """Due records without claiming them (dry run)."""
+        return await self.run(functools.partial(records.peek_due, now=now, limit=limit))
+
+    async def settle(self, settlements: Sequence[records.Settlement], *, now: float) -> None:
+        """Write the outcomes of one call in one transaction."""
+        await self.run(functools.partial(records.settle, settlements=settlements, now=now))
+
+    async def close_records(self, ids: Sequence[int], *, now: float, reason: str) -> list[str]:
+        """The window rule for records AWS refused for their timestamp (carry, expire or unknown)."""
+        policy = self.settings.expired_policy
+
+        def run(conn: sqlite3.Connection) -> list[str]:
+            return [records.close_window(conn, rid, policy=policy, now=now, watermark=self.rules.watermark(now),
+                                         apply_deltas=self.rules.apply_deltas, reason=reason) for rid in ids]
+
+        return await self.run(run)
+
+    async def due_now(self, *, held_until: float, now: float) -> int:
+        """Records waiting until `held_until` or earlier become due now."""
+        return await self.run(functools.partial(records.due_now, held_until=held_until, now=now))
+
+    async def pending_summary(self) -> tuple[int, float | None]:
+        """How many records are pending, and the earliest time one is due again."""
+        return await self.run(records.pending_summary)
+
     async def seal_due(self) -> int:
         """Seal every open bucket whose hour ended more than the grace period ago."""
         return await self.run(self.rules._seal)
