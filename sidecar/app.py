@@ -216,22 +216,12 @@ async def get_usage(request: web.Request) -> web.Response:
         )
     except ValueError as exc:
         return error(400, str(exc))
-    path = request.app[STORE].path
+    view = request.app[STORE].view
     now = request.app[CLOCK].now()
     wants_html = "text/html" in request.headers.get("Accept", "") and request.query.get("format") != "json"
-
-    def query() -> dict[str, Any]:
-        with store_mod.reader(path) as conn:
-            data: dict[str, Any] = {
-                "rows": [present_row(r) for r in store_mod.usage_rows(conn, filt)],
-                "totals": store_mod.usage_totals(conn, filt),
-                "parked": [present_row(r) for r in store_mod.queries.parked_rows(conn, filt)],
-            }
-            if wants_html:
-                data["health"] = store_mod.health(conn, now)
-            return data
-
-    data = await asyncio.to_thread(query)
+    data = await asyncio.to_thread(functools.partial(view.usage, filt, health_at=now if wants_html else None))
+    data["rows"] = [present_row(r) for r in data["rows"]]
+    data["parked"] = [present_row(r) for r in data["parked"]]
     if wants_html:
         return web.Response(text=render_usage_page(data, now=now), content_type="text/html",
                             headers={"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"})
@@ -244,17 +234,10 @@ async def get_healthz(request: web.Request) -> web.Response:
     now = request.app[CLOCK].now()
     writable, problem = True, None
     try:
-        await store.run(lambda conn: conn.execute(
-            "INSERT INTO meta (key, value) VALUES ('healthz_at', ?)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(int(now)),)))
+        await store.check_writable(now)
     except (StoreUnavailable, StoreClosed) as exc:
         writable, problem = False, str(exc)
-
-    def query() -> dict[str, Any]:
-        with store_mod.reader(store.path) as conn:
-            return store_mod.health(conn, now)
-
-    facts = await asyncio.to_thread(query)
+    facts = await asyncio.to_thread(store.view.health, now)
     ingest_error = request.app[INGEST_ERROR].copy()
     # A full disk is reported, not answered with 503: ECS would replace the task, and the
     # unsent usage in this task's database would go with it.
@@ -316,11 +299,7 @@ async def shutdown_flush(app: web.Application, deadline_s: float) -> None:
     except (StoreUnavailable, StoreClosed) as exc:
         log.warning("shutdown_flush_failed", error=str(exc))
 
-    def query() -> dict[str, Any]:
-        with store_mod.reader(store.path) as conn:
-            return store_mod.queries.left_behind(conn, app[CLOCK].now())
-
-    left = await asyncio.to_thread(query)
+    left = await asyncio.to_thread(store.view.left_behind, app[CLOCK].now())
     if left:  # the task's storage usually goes with it: say what it takes along
         log.error("usage_left_behind", **left,
                   note="unsent unless this database file is kept and flushed (`sidecar flush --once --final`)")
@@ -346,7 +325,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, api: MeteringA
         app[STORE] = store
         app[FLUSHER] = Flusher(store, api, settings, app[CLOCK])
         store.on_group = app[METRICS].group_size.observe
-        app[METRICS].attach(db_path=settings.db_path, now=app[CLOCK].now, flusher=app[FLUSHER])
+        app[METRICS].attach(view=store.view, now=app[CLOCK].now, flusher=app[FLUSHER])
         stop = asyncio.Event()
         loop_task = asyncio.create_task(maintenance_loop(app, stop)) if background else None
         log.info("sidecar_started", db=str(settings.db_path), synchronous=settings.synchronous,

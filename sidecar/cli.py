@@ -91,9 +91,9 @@ def cmd_flush(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     finally:
         store.close()
     out = summary.as_dict()
-    with store_mod.reader(settings.db_path) as conn:
-        out["open_buckets"] = store_mod.queries.open_bucket_count(conn)
-        left = store_mod.queries.left_behind(conn, clock.now())
+    view = store_mod.UsageView.of(settings)
+    out["open_buckets"] = view.open_buckets()
+    left = view.left_behind(clock.now())
     if args.final and left:  # the file is about to be thrown away: say what it still holds
         out["left_behind"] = left
         structlog.get_logger("sidecar.cli").error(
@@ -219,10 +219,10 @@ def cmd_usage(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = _settings(args, env)
     filt = store_mod.UsageFilter(customer=args.customer, dimension=args.dimension, state=args.state,
                                  since=args.since, until=args.until)
-    with store_mod.reader(settings.db_path) as conn:
-        rows = [present_row(r) for r in store_mod.usage_rows(conn, filt, limit=args.limit)]
-        totals = store_mod.usage_totals(conn, filt)
-        parked = [present_row(r) for r in store_mod.queries.parked_rows(conn, filt)]
+    data = store_mod.UsageView.of(settings).usage(filt, limit=args.limit)
+    rows = [present_row(r) for r in data["rows"]]
+    totals = data["totals"]
+    parked = [present_row(r) for r in data["parked"]]
     if args.json:
         json.dump({"rows": rows, "totals": totals, "parked": parked}, sys.stdout, indent=2)
         print()

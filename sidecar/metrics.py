@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -42,9 +41,9 @@ class Metrics:
             ["result"], registry=self.registry)
         self.pruned = Counter("sidecar_events_pruned_total", "Event rows deleted by retention.", registry=self.registry)
 
-    def attach(self, *, db_path: Path, now: Callable[[], float], flusher: Any) -> None:
+    def attach(self, *, view: queries.UsageView, now: Callable[[], float], flusher: Any) -> None:
         """Add the scrape-time collector that reads state from the database and the flusher."""
-        self.registry.register(_StateCollector(db_path, now, flusher))
+        self.registry.register(_StateCollector(view, now, flusher))
 
     def render(self) -> bytes:
         """The text exposition format."""
@@ -52,8 +51,8 @@ class Metrics:
 
 
 class _StateCollector(Collector):
-    def __init__(self, db_path: Path, now: Callable[[], float], flusher: Any) -> None:
-        self.db_path = db_path
+    def __init__(self, view: queries.UsageView, now: Callable[[], float], flusher: Any) -> None:
+        self.view = view
         self.now = now
         self.flusher = flusher
 
@@ -91,20 +90,17 @@ class _StateCollector(Collector):
             "sidecar_remainder_settled_raw",
             "Remainders settled at final seals (raw units): rounded_up = billed beyond usage, given_up = not billed.",
             labels=["customer", "dimension", "result"])
-        if self.db_path.exists():
-            with queries.reader(self.db_path) as conn:
-                counts = queries.state_counts(conn)
-                age = queries.oldest_pending_age_s(conn, self.now())
-                unmapped = queries.unmapped_summary(conn, self.now())
-                unconfigured = queries.unconfigured_summary(conn)
-                settled = queries.settlements(conn)
-                gpu = queries.gpu_time(conn, before_hour=int(self.now()) // 3600 * 3600)
+        figures = self.view.figures(self.now())
+        if figures is not None:
+            counts, age = figures["counts"], figures["oldest_pending_age_s"]
+            unmapped, unconfigured = figures["unmapped"], figures["unconfigured"]
+            settled, gpu = figures["settlements"], figures["gpu"]
             for state, n in sorted(counts["buckets"].items()):
                 buckets.add_metric([state], n)
             for state, n in sorted(counts["records"].items()):
                 records.add_metric([state], n)
             oldest.add_metric([], age or 0.0)
-            size.add_metric([], queries.db_size_bytes(self.db_path))
+            size.add_metric([], figures["size_bytes"])
             unmapped_age.add_metric([], (unmapped or {}).get("oldest_age_s", 0))
             for dim, raw in sorted((unmapped or {}).get("raw_by_dimension", {}).items()):
                 unmapped_raw.add_metric([dim], raw)

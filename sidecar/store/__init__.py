@@ -8,13 +8,14 @@ the same operations.
 from sidecar.store import queries
 from sidecar.store.buckets import IngestResult
 from sidecar.store.db import check_integrity, connect, migrate, schema_dir
-from sidecar.store.queries import UsageFilter, health, reader, usage_rows, usage_totals
+from sidecar.store.queries import UsageFilter, UsageView, health, reader, usage_rows, usage_totals
 from sidecar.store.writer import Store
 
 __all__ = [
     "IngestResult",
     "Store",
     "UsageFilter",
+    "UsageView",
     "check_integrity",
     "connect",
     "health",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sidecar.config import Settings
 from sidecar.store.db import connect
 
 OPEN_STATES = ("open", "unmapped")
@@ -265,3 +266,55 @@ def db_size_bytes(path: Path) -> int:
         if p.exists():
             total += p.stat().st_size
     return total
+
+
+class UsageView:
+    """Read-only views of one store's database, each read on its own short connection, so they
+    work beside the writer and with the daemon down. The app, metrics and the CLI read through
+    this; none of them knows where or how the data is kept."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    @classmethod
+    def of(cls, settings: Settings) -> UsageView:
+        """The view of the store `settings` name (its `db_path`)."""
+        return cls(settings.db_path)
+
+    def exists(self) -> bool:
+        """Whether there is a database to read yet."""
+        return self._path.exists()
+
+    def usage(self, f: UsageFilter, *, limit: int = 5000, health_at: float | None = None) -> dict[str, Any]:
+        """Bucket rows, per-customer totals and parked usage; with `health_at`, the health figures too."""
+        with reader(self._path) as conn:
+            data: dict[str, Any] = {"rows": usage_rows(conn, f, limit=limit), "totals": usage_totals(conn, f),
+                                    "parked": parked_rows(conn, f)}
+            if health_at is not None:
+                data["health"] = health(conn, health_at)
+            return data
+
+    def health(self, now: float) -> dict[str, Any]:
+        """The figures /healthz reports."""
+        with reader(self._path) as conn:
+            return health(conn, now)
+
+    def left_behind(self, now: float) -> dict[str, Any]:
+        """What the database still holds unsent (see `left_behind`)."""
+        with reader(self._path) as conn:
+            return left_behind(conn, now)
+
+    def open_buckets(self) -> int:
+        """Buckets of hours still open."""
+        with reader(self._path) as conn:
+            return open_bucket_count(conn)
+
+    def figures(self, now: float) -> dict[str, Any] | None:
+        """Everything /metrics reads at a scrape; None before the database exists."""
+        if not self._path.exists():
+            return None
+        with reader(self._path) as conn:
+            return {"counts": state_counts(conn), "oldest_pending_age_s": oldest_pending_age_s(conn, now),
+                    "unmapped": unmapped_summary(conn, now), "unconfigured": unconfigured_summary(conn),
+                    "settlements": settlements(conn), "gpu": gpu_time(conn, before_hour=int(now) // 3600 * 3600),
+                    "size_bytes": db_size_bytes(self._path)}

@@ -100,6 +100,7 @@ class Store:
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self.rules = Buckets(settings=settings, clock=clock)  # the domain; this class runs its transactions
+        self.view = queries.UsageView(path)  # reads, beside the writer
         self._lock_file: IO[bytes] | None = None  # held while this process owns the file (serve, flush)
         self._queued_events = 0  # events handed to the writer and not yet committed or failed
         self._queued_lock = threading.Lock()
@@ -352,6 +353,10 @@ class Store:
         self._queue.put(_Job(fn=None, events=events, afuture=fut, loop=loop))
         return await fut
 
+    async def check_writable(self, now: float) -> None:
+        """A tiny write transaction: raises StoreUnavailable/StoreClosed when the database cannot commit."""
+        await self.run(functools.partial(_stamp_health, now=now))
+
     # ---- sending (protocol.SendingStore) --------------------------------------------------------
 
     async def prepare_flush(self, *, now: float) -> tuple[int, dict[str, int]]:
@@ -535,3 +540,8 @@ def _own(path: Path) -> IO[bytes]:
         raise StoreLocked(f"{path}: another sidecar process (serve or flush) owns this database;"
                           " stop it first") from None
     return handle
+
+
+def _stamp_health(conn: sqlite3.Connection, *, now: float) -> None:
+    conn.execute("INSERT INTO meta (key, value) VALUES ('healthz_at', ?)"
+                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(int(now)),))
