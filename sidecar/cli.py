@@ -127,44 +127,41 @@ def cmd_replay(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def cmd_release(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    """An operator's decision: send (or discard) held records, or move parked usage into a dimension."""
+    """An operator's decision: send (or discard) held records, move parked usage into a dimension,
+    or give up a tenant's unmapped usage."""
     settings = _settings(args, env)
     logs.configure(level=settings.log_level, fmt=settings.log_format)
     pairs: list[str] = args.dimension or []
+    rename: dict[str, str] = {}
     if args.state == "unmapped":
         if not args.discard or not args.customer or not args.customer.startswith("tenant:"):
             raise BadArgument("--state unmapped: give --customer tenant:NAME and --discard (map the tenant instead"
                               " with PUT /v1/customers/NAME to bill it)")
-        store = Store.open(settings.db_path, settings=settings, clock=SystemClock(), resume=False)
-        try:
-            print(json.dumps({"discarded": store.discard_unmapped_sync(customer=args.customer)}, sort_keys=True))
-        finally:
-            store.close()
-        return 0
-    if args.state == "unconfigured":
+    elif args.state == "unconfigured":
         if not pairs or any("=" not in p for p in pairs):
             raise BadArgument("--dimension: with --state unconfigured give OLD=NEW (repeatable): the parked "
                               "dimension and the configured one to bill it as")
         if args.record is not None or args.discard:
             raise BadArgument("--record/--discard: only with --state held")
+        try:
+            rename = dict(rename_pair(p) for p in pairs)
+        except argparse.ArgumentTypeError as exc:
+            raise BadArgument(f"--dimension: {exc}") from None
     elif any("=" in p for p in pairs) or len(pairs) > 1:
         raise BadArgument("--dimension: with --state held give one dimension NAME to filter on")
     store = Store.open(settings.db_path, settings=settings, clock=SystemClock(), resume=False)
     try:
-        if args.state == "held":
+        if args.state == "unmapped":
+            out = {"discarded": store.discard_unmapped_sync(customer=args.customer)}
+        elif args.state == "held":
             n = store.release_held_sync(customer=args.customer, dimension=pairs[0] if pairs else None,
                                         record_id=args.record, discard=args.discard)
             out = {"discarded" if args.discard else "released": n}
         else:
             try:
-                rename = dict(rename_pair(p) for p in pairs)
-            except argparse.ArgumentTypeError as exc:
-                raise BadArgument(f"--dimension: {exc}") from None
-            try:
-                n = store.release_parked_sync(rename=rename, customer=args.customer)
+                out = {"released": store.release_parked_sync(rename=rename, customer=args.customer)}
             except ValueError as exc:
                 raise BadArgument(str(exc)) from None
-            out = {"released": n}
     finally:
         store.close()
     print(json.dumps(out, sort_keys=True))

@@ -256,12 +256,11 @@ class Flusher:
         # AWS refused the call.
         maybe = True
         try:
-            resume_at = self.paused_until
-            if resume_at is not None and self.clock.now() < resume_at:
+            if self.paused():
                 # An earlier call of this pass failed at the request level (a bisected half, or the
                 # rest of a split): hold these records for the probe instead of calling.
                 maybe = False
-                await self._retry(batch, self._pause_error, False, summary, at=resume_at)
+                await self._retry(batch, self._pause_error, False, summary, at=self.paused_until)
                 return
             result = await self._call(batch)
             maybe = result.maybe_received or result.kind == "answered"

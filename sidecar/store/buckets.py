@@ -178,6 +178,8 @@ class Buckets:
         self.apply_deltas(conn, deltas)
         if intervals:
             self._record_intervals(conn, intervals, now=now, watermark=watermark)
+        # Only once every write of this request succeeded: a request rolled back to its savepoint
+        # must not leave a customer marked as written.
         self._pending_customers.update(new_customers)
         return results
 
@@ -359,20 +361,19 @@ class Buckets:
             for hour, a, b in hour_pieces(r["pending_from_us"], min(r["end_us"], wm_us)):
                 by_hour.setdefault(hour, []).append((r["customer"], a, b))
         deltas: dict[BucketKey, Delta] = {}
+        engine = [d for d in self._gpu_dims if d.gpu_mode == "engine_time"]
         for hour, pieces in sorted(by_hour.items()):
             counts: dict[str, int] = {}
-            own: dict[str, int] = {}
-            for customer, a, b in pieces:
+            for customer, _, _ in pieces:
                 counts[customer] = counts.get(customer, 0) + 1
-                own[customer] = own.get(customer, 0) + b - a
             if self._fair_dims:
                 shares, total = fair_shares(pieces, gpus=self.settings.gpus)
-                self._account_gpu(conn, deltas, self._fair_dims, hour=hour, total_us=total, late=False, when=hour,
-                                  shares={c: (share, counts[c]) for c, share in shares.items()})
-            else:
-                engine = [d for d in self._gpu_dims if d.gpu_mode == "engine_time"]
-                self._account_gpu(conn, deltas, engine, hour=hour, total_us=0, late=False, when=hour,
-                                  shares={c: (t, counts[c]) for c, t in own.items()})
+            else:  # left waiting by a fair_share release: each request's own time
+                shares, total = {}, 0
+                for customer, a, b in pieces:
+                    shares[customer] = shares.get(customer, 0) + b - a
+            self._account_gpu(conn, deltas, self._fair_dims or engine, hour=hour, total_us=total, late=False,
+                              when=hour, shares={c: (share, counts[c]) for c, share in shares.items()})
         conn.execute("UPDATE engine_intervals SET pending_from_us = min(end_us, ?)"
                      " WHERE pending_from_us < end_us AND pending_from_us < ?", (wm_us, wm_us))
         self.apply_deltas(conn, deltas)
@@ -517,8 +518,7 @@ class Buckets:
         src = f"tenant:{tenant}"
         watermark = self.watermark(now)
         current = max(hour_start(now), watermark)
-        deltas: dict[BucketKey, Delta] = {}
-        apply_later: list[tuple[BucketKey, Delta]] = []
+        by_unit: dict[int, dict[BucketKey, Delta]] = {}  # releases' units never mix in one delta
         moved = conn.execute(
             "SELECT dimension, hour, raw, events, carried_in, first_event_at, unit FROM buckets"
             " WHERE customer = ? AND state = 'unmapped' ORDER BY hour",
@@ -527,13 +527,8 @@ class Buckets:
         for b in moved:
             late = b["hour"] < watermark
             hour = current if late else b["hour"]
-            k = (key, b["dimension"], hour)
-            d = deltas.get(k)
-            if d is not None and d.unit != b["unit"]:  # one release's unit vs another's: never mix
-                apply_later.append((k, d))
-                d = None
-            if d is None:
-                d = deltas[k] = Delta(unit=b["unit"], first_event_at=b["first_event_at"])
+            d = by_unit.setdefault(b["unit"], {}).setdefault(
+                (key, b["dimension"], hour), Delta(unit=b["unit"], first_event_at=b["first_event_at"]))
             d.raw += b["raw"]
             d.events += b["events"]
             d.carried_in += b["raw"] if late else b["carried_in"]
@@ -545,9 +540,8 @@ class Buckets:
             (key, watermark, current, src),
         )
         conn.execute("UPDATE engine_intervals SET customer = ? WHERE customer = ?", (key, src))
-        for k, d in apply_later:
-            self.apply_deltas(conn, {k: d})
-        self.apply_deltas(conn, deltas)
+        for deltas in by_unit.values():
+            self.apply_deltas(conn, deltas)
         self._on_commit.append(functools.partial(self._tenants.__setitem__, tenant, key))
         if moved:
             log.info("tenant_usage_mapped", tenant=tenant, buckets=len(moved))

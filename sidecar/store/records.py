@@ -205,6 +205,13 @@ def _set_state(conn: sqlite3.Connection, record_id: int, state: str, **fields: A
     )
 
 
+def _add_carry(conn: sqlite3.Connection, customer: str, dimension: str, raw: int) -> None:
+    """Add raw usage below a unit to the customer's carry for the dimension (its next sealed hour takes it)."""
+    conn.execute("INSERT INTO carries (customer, dimension, raw) VALUES (?,?,?)"
+                 " ON CONFLICT (customer, dimension) DO UPDATE SET raw = raw + excluded.raw",
+                 (customer, dimension, raw))
+
+
 def carry_into_open_hour(conn: sqlite3.Connection, record_id: int, *, now: float, watermark: int,
                          apply_deltas: DeltaSink, reason: str, into: Dimension | None = None) -> None:
     """Move a never-received record's usage into the current open hour of its customer, in raw
@@ -397,9 +404,7 @@ def replay(conn: sqlite3.Connection, *, states: Iterable[str], now: float, windo
             counts[state] += 1
         elif r["state"] == "rejected" and in_window:
             # Not certainly refused (an earlier send's answer was lost): only the identical record may go.
-            conn.execute("UPDATE records SET next_attempt_at = 0, last_error = 'replayed by operator' WHERE id = ?",
-                         (r["id"],))
-            _set_state(conn, r["id"], "pending")
+            _set_state(conn, r["id"], "pending", next_attempt_at=0, last_error="replayed by operator")
             counts["resent"] += 1
         else:
             state = close_window(conn, r["id"], policy="carry", now=now, watermark=watermark,
@@ -409,8 +414,7 @@ def replay(conn: sqlite3.Connection, *, states: Iterable[str], now: float, windo
     for who, old, new in sorted(renamed):
         moved = conn.execute("SELECT raw FROM carries WHERE customer = ? AND dimension = ?", (who, old)).fetchone()
         if moved and moved[0]:
-            conn.execute("INSERT INTO carries (customer, dimension, raw) VALUES (?,?,?) ON CONFLICT (customer,"
-                         " dimension) DO UPDATE SET raw = raw + excluded.raw", (who, new, moved[0]))
+            _add_carry(conn, who, new, moved[0])
             conn.execute("UPDATE carries SET raw = 0 WHERE customer = ? AND dimension = ?", (who, old))
             log.warning("remainder_renamed", customer=who, dimension=old, into=new, raw=moved[0])
     return counts
@@ -445,9 +449,7 @@ def _rebuild(conn: sqlite3.Connection, record_id: int, target: Dimension, *, now
         return None
     payload, code = built
     if payload_json(payload) == r["payload"] and code == r["product_code"]:
-        conn.execute("UPDATE records SET next_attempt_at = 0, last_error = 'replayed by operator' WHERE id = ?",
-                     (record_id,))
-        _set_state(conn, record_id, "pending")
+        _set_state(conn, record_id, "pending", next_attempt_at=0, last_error="replayed by operator")
         return "resent"
     conn.execute(
         "INSERT INTO record_rebuilds (record_id, at, old_state, old_dimension, old_quantity, old_product_code,"
@@ -466,9 +468,7 @@ def _rebuild(conn: sqlite3.Connection, record_id: int, target: Dimension, *, now
         (target.name, quantity, payload_json(payload), code, r["c_account"], r["c_license"], r["c_identifier"],
          f"rebuilt by operator from {r['dimension']} x {r['quantity']} ({r['aws_status']})", record_id))
     if left:
-        conn.execute("INSERT INTO carries (customer, dimension, raw) VALUES (?,?,?)"
-                     " ON CONFLICT (customer, dimension) DO UPDATE SET raw = raw + excluded.raw",
-                     (r["customer"], target.name, left))
+        _add_carry(conn, r["customer"], target.name, left)
     state = _hold_or_pend(conn, guard, record_id, customer=r["customer"], dimension=target.name, hour=r["hour"],
                           quantity=quantity, now=now)
     log.warning("record_rebuilt", record=record_id, customer=r["customer"], old_dimension=r["dimension"],
@@ -496,9 +496,7 @@ def release_held(conn: sqlite3.Connection, *, customer: tuple[str, list[Any]] | 
         if discard:
             _set_state(conn, r["id"], "discarded", last_error="held by a guardrail; discarded by operator")
         else:
-            conn.execute("UPDATE records SET next_attempt_at = 0, last_error = 'released by operator' WHERE id = ?",
-                         (r["id"],))
-            _set_state(conn, r["id"], "pending")
+            _set_state(conn, r["id"], "pending", next_attempt_at=0, last_error="released by operator")
         conn.execute("UPDATE holds SET released_at = ?, outcome = ? WHERE record_id = ?",
                      (int(now), "discarded" if discard else "released", r["id"]))
         log.warning("held_record_discarded" if discard else "held_record_released", record=r["id"],

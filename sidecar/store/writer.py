@@ -30,7 +30,6 @@ from sidecar.events import UsageEvent
 from sidecar.store import queries, records
 from sidecar.store.buckets import Buckets, IngestResult, _dimension_source, _stranded_tenants
 from sidecar.store.db import _unavailable, check_integrity, connect, migrate
-from sidecar.usage import BucketKey, Delta
 
 log = structlog.get_logger("sidecar.store")
 
@@ -129,6 +128,7 @@ class Store:
         try:
             store.rules.load(store._conn, owner=resume)
             resumed = records.resume_in_flight(store._conn) if resume else 0
+            stranded = _stranded_tenants(store._conn) if resume else {}
             store._conn.execute("COMMIT")
         except BaseException:
             store._conn.execute("ROLLBACK")
@@ -140,14 +140,11 @@ class Store:
         store._thread = threading.Thread(target=store._writer, name="sidecar-writer", daemon=True)
         store._thread.start()
         if resume:  # the owner only: a CLI command beside the daemon must not change its tenant map
-            stranded = store.call(_stranded_tenants)
             for tenant, ref in {**stranded, **settings.customers}.items():
                 if store.rules._tenants.get(tenant) != ref.key or tenant in stranded:
                     source = "config" if tenant in settings.customers else "api"
                     store.call(functools.partial(store.rules._map_tenant, tenant=tenant, ref=ref, source=source))
         return store
-
-
 
     # ---- the writer thread -------------------------------------------------------------
 
@@ -285,14 +282,6 @@ class Store:
 
 
     # ---- public API ----------------------------------------------------------------------
-
-    def watermark(self, now: float) -> int:
-        """Hours starting before this are sealed or due to be (see `Buckets.watermark`)."""
-        return self.rules.watermark(now)
-
-    def apply_deltas(self, conn: sqlite3.Connection, deltas: dict[BucketKey, Delta]) -> None:
-        """Add deltas to open buckets, parking what cannot be billed (see `Buckets.apply_deltas`)."""
-        self.rules.apply_deltas(conn, deltas)
 
     def freeze(self, conn: sqlite3.Connection, *, now: float) -> int:
         """Freeze sealed buckets into records (pending, or held by a guardrail)."""
