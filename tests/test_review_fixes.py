@@ -389,3 +389,28 @@ def test_operator_input_errors_are_one_line(capsys: pytest.CaptureFixture[str]) 
 
     with pytest.raises(ConfigError, match=r"dimensions\[0\]\.customer"):
         _parse_dimensions([{"name": "r", "source": "count", "customer": "acme"}])
+
+
+async def test_a_failed_request_leaves_no_customer_marked_as_written(tmp_path: Path) -> None:
+    """A request that fails after writing its new customer's row is rolled back whole; the writer's
+    cache must not remember that row, or the customer's next usage would have no row to be billed to."""
+    from flushkit import make_kit as kit_for
+
+    k = await kit_for(tmp_path)
+    try:
+        real = k.store.rules._record_intervals
+
+        def failing(conn: Any, intervals: Any, **kw: Any) -> None:
+            if any(iv[0] == "chatcmpl-bad" for iv in intervals):
+                raise RuntimeError("this request fails after its customer row was written")
+            real(conn, intervals, **kw)
+
+        k.store.rules._record_intervals = failing  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError):
+            k.ingest(event("bad", when=H09 + 60, customer={"customer_identifier": "new-cust"}, gpu_seconds=1.0))
+        k.ingest(event("good", when=H09 + 60, customer={"customer_identifier": "new-cust"}))
+        k.clock.set(H10 + 400)
+        await k.flusher.flush_once()
+        assert {("new-cust", key.dimension) for key in k.sim.billed} >= {("new-cust", "inference-requests")}
+    finally:
+        await k.close()
