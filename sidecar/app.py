@@ -16,9 +16,9 @@ from aiohttp import web
 
 from sidecar import store as store_mod
 from sidecar.clock import HOUR_S, Clock, SystemClock, hour_start
-from sidecar.config import CustomerRef, Settings
+from sidecar.config import CustomerRef, Settings, valid_tenant
 from sidecar.errors import BadBody, StoreBusy, StoreClosed, StoreUnavailable
-from sidecar.events import CONTROL_CHARS, JSON_TYPES, NDJSON_TYPES, check_items, parse_body
+from sidecar.events import JSON_TYPES, NDJSON_TYPES, check_items, parse_body
 from sidecar.flush import Flusher, MeteringApi
 from sidecar.metrics import Metrics
 from sidecar.page import render_usage_page
@@ -171,7 +171,7 @@ async def ingest_events(request: web.Request) -> web.Response:
 async def put_customer(request: web.Request) -> web.Response:
     """PUT /v1/customers/{tenant}: map a tenant to an AWS customer; its unmapped usage follows."""
     tenant = request.match_info["tenant"]
-    if not 1 <= len(tenant) <= 256 or CONTROL_CHARS.search(tenant):
+    if not valid_tenant(tenant):
         return error(400, "tenant: must be 1-256 characters without control characters")
     if request.content_type not in JSON_TYPES:
         return error(415, "send application/json")

@@ -32,6 +32,7 @@ ACCOUNT_ID = re.compile(r"[0-9]{12}\Z", re.ASCII)
 LICENSE_ARN = re.compile(r"arn:aws(-[a-z]+)*:license-manager::[0-9]{12}:license[:/]l-[0-9a-f]{32}\Z", re.ASCII)
 MAX_QUANTITY = 2_147_483_647  # AWS's Quantity ceiling for one record
 MAX_GPUS = 1024  # SIDECAR_GPUS: far above any one task, low enough that GPU µs stay 64-bit
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 CUSTOMER_IDENTIFIER = re.compile(r"[!-~]{1,255}\Z", re.ASCII)  # printable ASCII, no whitespace
 
 
@@ -452,6 +453,11 @@ def _parse_dimensions(value: Any) -> tuple[Dimension, ...]:
     return tuple(dims)
 
 
+def valid_tenant(name: object) -> bool:
+    """A tenant name: 1-256 characters without control characters (events, PUT, TOML, env)."""
+    return isinstance(name, str) and 1 <= len(name) <= 256 and not CONTROL_CHARS.search(name)
+
+
 def _gpu_mode(item: Mapping[str, Any], where: str, *, source: str) -> tuple[str | None, CustomerRef | str | None]:
     """A gpu_seconds dimension's `mode` and, for `dedicated`, its `customer` (a tenant name or a table)."""
     mode, customer = item.get("mode"), item.get("customer")
@@ -467,7 +473,7 @@ def _gpu_mode(item: Mapping[str, Any], where: str, *, source: str) -> tuple[str 
         if customer is not None:
             raise ConfigError(f"{where}.customer: only a dedicated dimension names its customer")
         return mode, None
-    if isinstance(customer, str) and 1 <= len(customer) <= 256 and not re.search(r"[\x00-\x1f\x7f]", customer):
+    if isinstance(customer, str) and valid_tenant(customer):
         return mode, customer
     if isinstance(customer, Mapping):
         try:
@@ -483,7 +489,7 @@ def _parse_customers(value: Any, *, where: str) -> dict[str, CustomerRef]:
         raise ConfigError(f"{where}: must map tenant names to {{...}} customer objects")
     result: dict[str, CustomerRef] = {}
     for tenant, ref in value.items():
-        if not isinstance(tenant, str) or not 1 <= len(tenant) <= 256 or re.search(r"[\x00-\x1f\x7f]", tenant):
+        if not valid_tenant(tenant):
             raise ConfigError(f"{where}: tenant {tenant!r} must be 1-256 characters without control characters")
         try:
             result[tenant] = CustomerRef.parse(ref, where=f"{where}.{tenant}")

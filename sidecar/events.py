@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sidecar.config import CustomerRef
+from sidecar.config import CONTROL_CHARS, CustomerRef
 from sidecar.errors import BadBody, InvalidEvent
 
 MAX_INT = 2_147_483_647  # per-event token cap; also AWS's Quantity ceiling
@@ -19,7 +19,6 @@ RFC3339 = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?([Zz]|[+-][0-9]{2}:[0-9]{2})\Z",
     re.ASCII,
 )
-CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 KNOWN_FIELDS = frozenset(
     {"event_id", "time", "customer", "model", "prompt_tokens", "completion_tokens",
      "cached_tokens", "gpu_seconds", "finish", "engine_start", "engine_end"}
