@@ -16,20 +16,21 @@ from aiohttp import web
 
 from sidecar import store as store_mod
 from sidecar.clock import HOUR_S, Clock, SystemClock, hour_start
-from sidecar.config import CustomerRef, Settings, valid_tenant
+from sidecar.config import Settings
 from sidecar.errors import BadBody, StoreBusy, StoreClosed, StoreUnavailable
 from sidecar.events import JSON_TYPES, NDJSON_TYPES, check_items, parse_body
 from sidecar.flush import Flusher, MeteringApi
 from sidecar.metrics import Metrics
+from sidecar.model import TENANT_RULE, CustomerRef, valid_tenant
 from sidecar.page import render_usage_page
-from sidecar.store import Store, UsageFilter
+from sidecar.store import MeteringStore, UsageFilter, open_store
 from sidecar.when import parse_when
 
 log = structlog.get_logger("sidecar.app")
 
 SETTINGS = web.AppKey("settings", Settings)
 CLOCK = web.AppKey("clock", Clock)
-STORE = web.AppKey("store", Store)
+STORE: web.AppKey[MeteringStore] = web.AppKey("store")
 DRAINING = web.AppKey("draining", asyncio.Event)
 FLUSHER = web.AppKey("flusher", Flusher)
 METRICS = web.AppKey("metrics", Metrics)
@@ -172,7 +173,7 @@ async def put_customer(request: web.Request) -> web.Response:
     """PUT /v1/customers/{tenant}: map a tenant to an AWS customer; its unmapped usage follows."""
     tenant = request.match_info["tenant"]
     if not valid_tenant(tenant):
-        return error(400, "tenant: must be 1-256 characters without control characters")
+        return error(400, f"tenant: {TENANT_RULE}")
     if request.content_type not in JSON_TYPES:
         return error(415, "send application/json")
     body = await read_body(request, 65536)
@@ -321,10 +322,10 @@ def create_app(settings: Settings, *, clock: Clock | None = None, api: MeteringA
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         started = time.monotonic()
-        store = await asyncio.to_thread(Store.open, settings.db_path, settings=settings, clock=app[CLOCK])
+        store = await asyncio.to_thread(functools.partial(open_store, settings, clock=app[CLOCK],
+                                                          on_group=app[METRICS].group_size.observe))
         app[STORE] = store
         app[FLUSHER] = Flusher(store, api, settings, app[CLOCK])
-        store.on_group = app[METRICS].group_size.observe
         app[METRICS].attach(view=store.view, now=app[CLOCK].now, flusher=app[FLUSHER])
         stop = asyncio.Event()
         loop_task = asyncio.create_task(maintenance_loop(app, stop)) if background else None

@@ -4,29 +4,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import math
 import os
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import structlog
 
 from sidecar import logs
-from sidecar import store as store_mod
 from sidecar.app import present_row
-from sidecar.clock import HOUR_S, SystemClock, hour_start
+from sidecar.clock import HOUR_S, Clock, SystemClock, hour_start
 from sidecar.config import DIMENSION_NAME, Settings, load_settings, validate_for_serving
 from sidecar.errors import BadArgument, ConfigError, DatabaseCorrupt, StoreLocked
 from sidecar.events import NDJSON_TYPES, check_items, parse_body
 from sidecar.flush import Flusher, MeteringApi
-from sidecar.store import Store, records
+from sidecar.model import REPLAYABLE, Scheme
+from sidecar.store import MeteringStore, UsageFilter, migrate_store, open_store, open_view
 from sidecar.when import WHEN_RULE, parse_when
+
+T = TypeVar("T")
 
 
 def _settings(args: argparse.Namespace, env: Mapping[str, str], **kw: Any) -> Settings:
@@ -68,6 +71,17 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0
 
 
+def _await(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one store operation to completion from a synchronous command (on a thread of its own
+    when the caller already runs an event loop, as a test calling `main` does)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -82,16 +96,16 @@ def cmd_flush(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         settings = replace(settings, dry_run=True)
     logs.configure(level=settings.log_level, fmt=settings.log_format)
     clock = SystemClock()
-    store = Store.open(settings.db_path, settings=settings, clock=clock)
+    store = open_store(settings, clock=clock)
     try:
         if args.final:  # finish a dead task's file: seal its open hour as SIGTERM would have
-            asyncio.run(store.seal_through(hour_start(clock.now()) + HOUR_S, final=True))
+            _await(store.seal_through(hour_start(clock.now()) + HOUR_S, final=True))
         flusher = Flusher(store, metering_client(settings, env), settings, clock)
-        summary = asyncio.run(flusher.drain(deadline_s=args.timeout))
+        summary = _await(flusher.drain(deadline_s=args.timeout))
     finally:
         store.close()
     out = summary.as_dict()
-    view = store_mod.UsageView.of(settings)
+    view = open_view(settings)
     out["open_buckets"] = view.open_buckets()
     left = view.left_behind(clock.now())
     if args.final and left:  # the file is about to be thrown away: say what it still holds
@@ -109,17 +123,17 @@ def cmd_replay(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if not args.state and not args.spool:
         raise BadArgument("give --state and/or --spool")
     clock = SystemClock()
-    store = Store.open(settings.db_path, settings=settings, clock=clock, resume=False)
+    store = open_store(settings, clock=clock, owner=False)
     out: dict[str, Any] = {}
     try:
         if args.state:
             try:
-                out["records"] = store.replay_sync(states=args.state, customer=args.customer,
-                                                   rename=dict(args.dimension or []))
+                out["records"] = _await(store.replay(states=args.state, customer=args.customer,
+                                                          rename=dict(args.dimension or [])))
             except ValueError as exc:
                 raise BadArgument(str(exc)) from None
         if args.spool:
-            out["spool"] = import_spool(store, Path(args.spool), settings)
+            out["spool"] = _await(import_spool(store, Path(args.spool), settings, clock=clock))
     finally:
         store.close()
     print(json.dumps(out, sort_keys=True))
@@ -134,7 +148,7 @@ def cmd_release(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     pairs: list[str] = args.dimension or []
     rename: dict[str, str] = {}
     if args.state == "unmapped":
-        if not args.discard or not args.customer or not args.customer.startswith("tenant:"):
+        if not args.discard or not args.customer or not args.customer.startswith(Scheme.TENANT):
             raise BadArgument("--state unmapped: give --customer tenant:NAME and --discard (map the tenant instead"
                               " with PUT /v1/customers/NAME to bill it)")
     elif args.state == "unconfigured":
@@ -149,17 +163,17 @@ def cmd_release(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             raise BadArgument(f"--dimension: {exc}") from None
     elif any("=" in p for p in pairs) or len(pairs) > 1:
         raise BadArgument("--dimension: with --state held give one dimension NAME to filter on")
-    store = Store.open(settings.db_path, settings=settings, clock=SystemClock(), resume=False)
+    store = open_store(settings, clock=SystemClock(), owner=False)
     try:
         if args.state == "unmapped":
-            out = {"discarded": store.discard_unmapped_sync(customer=args.customer)}
+            out = {"discarded": _await(store.discard_unmapped(customer=args.customer))}
         elif args.state == "held":
-            n = store.release_held_sync(customer=args.customer, dimension=pairs[0] if pairs else None,
-                                        record_id=args.record, discard=args.discard)
+            n = _await(store.release_held(customer=args.customer, dimension=pairs[0] if pairs else None,
+                                               record_id=args.record, discard=args.discard))
             out = {"discarded" if args.discard else "released": n}
         else:
             try:
-                out = {"released": store.release_parked_sync(rename=rename, customer=args.customer)}
+                out = {"released": _await(store.release_parked(rename=rename, customer=args.customer))}
             except ValueError as exc:
                 raise BadArgument(str(exc)) from None
     finally:
@@ -168,20 +182,20 @@ def cmd_release(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0
 
 
-def import_spool(store: Store, path: Path, settings: Settings) -> dict[str, int]:
+async def import_spool(store: MeteringStore, path: Path, settings: Settings, *, clock: Clock) -> dict[str, int]:
     """Ingest an NDJSON spool file 1,000 lines at a time; duplicates of stored events count once."""
     counts = {"accepted": 0, "duplicates": 0, "rejected": 0}
     chunk: list[tuple[int, bytes]] = []  # (line number, line) of non-blank lines
 
-    def ingest() -> None:
+    async def ingest() -> None:
         items = parse_body(b"\n".join(line for _, line in chunk), NDJSON_TYPES[0])
-        valid, rejected = check_items(items, now=store.clock.now(), max_age_s=settings.max_event_age_s,
+        valid, rejected = check_items(items, now=clock.now(), max_age_s=settings.max_event_age_s,
                                       max_future_s=settings.max_future_s)
         for r in rejected:
             print(f"{path}:{chunk[r['index']][0]}: {r['error']}", file=sys.stderr)
         counts["rejected"] += len(rejected)
         if valid:
-            res = store.ingest_future(valid).result()
+            res = await store.ingest(valid)
             counts["accepted"] += res.accepted
             counts["duplicates"] += res.duplicates
         chunk.clear()
@@ -191,19 +205,17 @@ def import_spool(store: Store, path: Path, settings: Settings) -> dict[str, int]
             if line.strip():
                 chunk.append((lineno, line.rstrip(b"\r\n")))
             if len(chunk) >= 1000:
-                ingest()
+                await ingest()
     if chunk:
-        ingest()
+        await ingest()
     return counts
 
 
 def cmd_migrate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """Apply pending schema migrations to the database file."""
     settings = _settings(args, env)
-    store_mod.check_integrity(settings.db_path)
-    settings.db_path.parent.mkdir(parents=True, exist_ok=True)
-    applied = store_mod.migrate(settings.db_path)
-    print(f"{settings.db_path}: applied {', '.join(applied)}" if applied else f"{settings.db_path}: up to date")
+    where, applied = migrate_store(settings)
+    print(f"{where}: applied {', '.join(applied)}" if applied else f"{where}: up to date")
     return 0
 
 
@@ -214,9 +226,9 @@ USAGE_COLUMNS = ("hour", "customer", "dimension", "state", "events", "raw", "car
 def cmd_usage(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """Print usage straight from the database file (works while the daemon is down)."""
     settings = _settings(args, env)
-    filt = store_mod.UsageFilter(customer=args.customer, dimension=args.dimension, state=args.state,
+    filt = UsageFilter(customer=args.customer, dimension=args.dimension, state=args.state,
                                  since=args.since, until=args.until)
-    data = store_mod.UsageView.of(settings).usage(filt, limit=args.limit)
+    data = open_view(settings).usage(filt, limit=args.limit)
     rows = [present_row(r) for r in data["rows"]]
     totals = data["totals"]
     parked = [present_row(r) for r in data["parked"]]
@@ -361,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--final", action="store_true",
                    help="also seal the open hour and settle remainders, as SIGTERM does (a dead task's file)")
     p = add("replay", cmd_replay, "Re-drive rejected/conflict/expired records, or import an NDJSON spool file.")
-    p.add_argument("--state", action="append", choices=records.REPLAYABLE,
+    p.add_argument("--state", action="append", choices=REPLAYABLE,
                    help="re-drive records in this state (repeatable)")
     p.add_argument("--customer", type=customer_filter,
                    help="only this customer: its key, a 12-digit AWS account id or a customer identifier (exact)")

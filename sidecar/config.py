@@ -13,27 +13,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sidecar.errors import ConfigError
-
-# Where each dimension's raw amount comes from, and the integer scale it is stored in.
-# gpu_seconds is a float in events; it is stored as integer microseconds so sums stay exact.
-SOURCE_SCALE: Mapping[str, int] = {
-    "count": 1,
-    "prompt_tokens": 1,
-    "completion_tokens": 1,
-    "total_tokens": 1,
-    "cached_tokens": 1,
-    "gpu_seconds": 1_000_000,
-}
+from sidecar.model import GPU_SOURCE, SOURCES, CustomerRef, valid_tenant
 
 # All patterns match whole ASCII strings (\Z, not $, so no trailing newline slips through).
 DIMENSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}\Z", re.ASCII)
-ACCOUNT_ID = re.compile(r"[0-9]{12}\Z", re.ASCII)
-# arn:aws:license-manager::<12-digit account>:license:l-<32 hex>, in any AWS partition.
-LICENSE_ARN = re.compile(r"arn:aws(-[a-z]+)*:license-manager::[0-9]{12}:license[:/]l-[0-9a-f]{32}\Z", re.ASCII)
 MAX_QUANTITY = 2_147_483_647  # AWS's Quantity ceiling for one record
 MAX_GPUS = 1024  # SIDECAR_GPUS: far above any one task, low enough that GPU µs stay 64-bit
-CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-CUSTOMER_IDENTIFIER = re.compile(r"[!-~]{1,255}\Z", re.ASCII)  # printable ASCII, no whitespace
 
 
 # Guardrail defaults per source, in raw units per hour for one record: the ceiling a record may not
@@ -76,7 +61,7 @@ class Dimension:
     @property
     def gpu_mode(self) -> str | None:
         """What a GPU-hour means for a gpu_seconds dimension (None for other sources)."""
-        if self.source != "gpu_seconds":
+        if self.source != GPU_SOURCE:
             return None
         return self.mode or "fair_share"
 
@@ -88,7 +73,7 @@ class Dimension:
     @property
     def raw_unit(self) -> int:
         """One billed unit expressed in stored raw units (GPU seconds are stored as microseconds)."""
-        return self.unit * SOURCE_SCALE[self.source]
+        return self.unit * SOURCES[self.source].scale
 
     @property
     def ceiling(self) -> int:
@@ -106,49 +91,6 @@ class Dimension:
 
 
 GPU_MODES = ("fair_share", "engine_time", "dedicated")
-
-
-@dataclass(frozen=True, kw_only=True)
-class CustomerRef:
-    """Who AWS bills: an account + licence (new products) or a customer identifier (older ones)."""
-
-    aws_account_id: str | None = None
-    license_arn: str | None = None
-    customer_identifier: str | None = None
-
-    @property
-    def key(self) -> str:
-        """A stable text key for buckets; the scheme prefix keeps the two kinds apart."""
-        if self.customer_identifier is not None:
-            return f"identifier:{self.customer_identifier}"
-        return f"account:{self.aws_account_id}/{self.license_arn}"
-
-    @classmethod
-    def parse(cls, value: Any, *, where: str) -> CustomerRef:
-        """Validate a mapping such as {"aws_account_id": ..., "license_arn": ...}; `where` names it in errors."""
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{where}: must be an object")
-        keys = set(value)
-        if keys == {"aws_account_id", "license_arn"}:
-            account, arn = value["aws_account_id"], value["license_arn"]
-            if not isinstance(account, str) or not ACCOUNT_ID.match(account):
-                raise ValueError(f"{where}.aws_account_id: must be a string of exactly 12 digits")
-            if not isinstance(arn, str) or not LICENSE_ARN.match(arn):
-                raise ValueError(
-                    f"{where}.license_arn: must look like "
-                    "arn:aws:license-manager::<account>:license:l-<32 hex digits>"
-                )
-            return cls(aws_account_id=account, license_arn=arn)
-        if keys == {"customer_identifier"}:
-            ident = value["customer_identifier"]
-            if not isinstance(ident, str) or not CUSTOMER_IDENTIFIER.match(ident):
-                raise ValueError(
-                    f"{where}.customer_identifier: must be 1-255 characters without whitespace"
-                )
-            return cls(customer_identifier=ident)
-        raise ValueError(
-            f"{where}: must have exactly aws_account_id + license_arn, or customer_identifier"
-        )
 
 
 DEFAULT_DIMENSIONS = (
@@ -442,8 +384,8 @@ def _parse_dimensions(value: Any) -> tuple[Dimension, ...]:
         name, source, unit = item.get("name"), item.get("source"), item.get("unit", 1)
         if not isinstance(name, str) or not DIMENSION_NAME.match(name):
             raise ConfigError(f"{where}.name: must be 1-100 letters, digits, '-', '_' or '.'")
-        if source not in SOURCE_SCALE:
-            raise ConfigError(f"{where}.source: must be one of {', '.join(SOURCE_SCALE)}")
+        if source not in SOURCES:
+            raise ConfigError(f"{where}.source: must be one of {', '.join(SOURCES)}")
         if not isinstance(unit, int) or isinstance(unit, bool) or unit < 1:
             raise ConfigError(f"{where}.unit: must be a whole number >= 1")
         if any(d.name == name for d in dims):
@@ -453,15 +395,10 @@ def _parse_dimensions(value: Any) -> tuple[Dimension, ...]:
     return tuple(dims)
 
 
-def valid_tenant(name: object) -> bool:
-    """A tenant name: 1-256 characters without control characters (events, PUT, TOML, env)."""
-    return isinstance(name, str) and 1 <= len(name) <= 256 and not CONTROL_CHARS.search(name)
-
-
 def _gpu_mode(item: Mapping[str, Any], where: str, *, source: str) -> tuple[str | None, CustomerRef | str | None]:
     """A gpu_seconds dimension's `mode` and, for `dedicated`, its `customer` (a tenant name or a table)."""
     mode, customer = item.get("mode"), item.get("customer")
-    if source != "gpu_seconds":
+    if source != GPU_SOURCE:
         for key in ("mode", "customer"):
             if item.get(key) is not None:
                 raise ConfigError(f"{where}.{key}: only a gpu_seconds dimension has a {key}")

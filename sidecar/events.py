@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sidecar.config import CONTROL_CHARS, CustomerRef
 from sidecar.errors import BadBody, InvalidEvent
+from sidecar.model import CONTROL_CHARS, MAX_TENANT_LEN, SOURCES, CustomerRef
 
 MAX_INT = 2_147_483_647  # per-event token cap; also AWS's Quantity ceiling
 MAX_GPU_SECONDS = 10_000_000.0
@@ -44,19 +44,10 @@ class UsageEvent:
 
     def source_amount(self, source: str) -> int:
         """This event's raw amount for a dimension source (GPU time in microseconds)."""
-        if source == "count":
-            return 1
-        if source == "prompt_tokens":
-            return self.prompt_tokens
-        if source == "completion_tokens":
-            return self.completion_tokens
-        if source == "total_tokens":
-            return self.prompt_tokens + self.completion_tokens
-        if source == "cached_tokens":
-            return self.cached_tokens or 0
-        if source == "gpu_seconds":
-            return self.gpu_micros or 0
-        raise ValueError(f"unknown dimension source {source!r}")
+        known = SOURCES.get(source)
+        if known is None:
+            raise ValueError(f"unknown dimension source {source!r}")
+        return known.read(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,8 +233,8 @@ def parse_customer(value: Any) -> tuple[CustomerRef | None, str | None]:
 def _parse_customer(value: Mapping[str, Any]) -> tuple[CustomerRef | None, str | None]:
     if set(value) == {"tenant"}:
         tenant = value["tenant"]
-        if not isinstance(tenant, str) or not 1 <= len(tenant) <= 256:
-            raise InvalidEvent("customer.tenant", "must be a string of 1-256 characters")
+        if not isinstance(tenant, str) or not 1 <= len(tenant) <= MAX_TENANT_LEN:
+            raise InvalidEvent("customer.tenant", f"must be a string of 1-{MAX_TENANT_LEN} characters")
         if CONTROL_CHARS.search(tenant):
             raise InvalidEvent("customer.tenant", "must not contain control characters")
         return None, tenant

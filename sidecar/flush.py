@@ -27,6 +27,7 @@ import structlog
 from sidecar.clock import Clock
 from sidecar.config import Settings
 from sidecar.marketplace import CallResult
+from sidecar.model import NEEDS_OPERATOR, Outcome
 from sidecar.store.protocol import SendingStore
 from sidecar.store.records import DueRecord, Settlement, aws_accepts
 
@@ -90,19 +91,19 @@ def result_key(scheme: str, usage_record: Mapping[str, Any]) -> tuple[str, str, 
     return (scheme, str(who), str(usage_record.get("Dimension")), epoch)
 
 
-def record_outcome(status: str, *, maybe_received: bool) -> str:
+def record_outcome(status: str, *, maybe_received: bool) -> Outcome:
     """What a per-record Status means for a record: sent, conflict, rejected, or retry.
 
     DuplicateRecord means billed when an earlier send of this same frozen record may have landed;
     otherwise AWS holds someone else's record for the key.
     """
     if status == "Success" or (status == "DuplicateRecord" and maybe_received):
-        return "sent"
+        return Outcome.SENT
     if status == "DuplicateRecord":
-        return "conflict"
+        return Outcome.CONFLICT
     if status == "CustomerNotSubscribed":
-        return "rejected"
-    return "retry"
+        return Outcome.REJECTED
+    return Outcome.RETRY
 
 
 @dataclass
@@ -118,7 +119,7 @@ class FlushSummary:
     @property
     def failed(self) -> bool:
         """Anything left unsent or ended in a state an operator must look at."""
-        bad = ("rejected", "conflict", "unknown", "expired")
+        bad = NEEDS_OPERATOR
         return self.pending > 0 or any(self.outcomes[s] for s in bad)
 
     def as_dict(self) -> dict[str, Any]:
@@ -276,7 +277,8 @@ class Flusher:
         if not self._unsettled:
             return
         now = self.clock.now()
-        await self.store.settle([Settlement(record=rid, outcome="retry", error="outcome could not be stored; resending",
+        await self.store.settle([Settlement(record=rid, outcome=Outcome.RETRY,
+                                            error="outcome could not be stored; resending",
                                             maybe_received=maybe, next_attempt_at=now)
                                  for rid, maybe in self._unsettled.items()], now=now)
         self._unsettled.clear()
@@ -308,7 +310,7 @@ class Flusher:
             await self._bisect(batch, summary)
         else:
             code = result.error.split(":")[0] if result.error else None
-            await self._terminal(batch[0], "rejected", code, result.error or "invalid", summary)
+            await self._terminal(batch[0], Outcome.REJECTED, code, result.error or "invalid", summary)
 
     async def _bisect(self, batch: list[DueRecord], summary: FlushSummary) -> None:
         mid = len(batch) // 2
@@ -319,7 +321,7 @@ class Flusher:
                             summary: FlushSummary) -> None:
         by_key = {r.match_key: r for r in batch}
         seen: set[int] = set()
-        done: list[tuple[DueRecord, str, str, str | None]] = []  # record, outcome, status, record id
+        done: list[tuple[DueRecord, Outcome, str, str | None]] = []  # record, outcome, status, record id
         for res in result.results:
             r = by_key.get(result_key(batch[0].scheme, res.get("UsageRecord", {})))
             if r is None or r.id in seen:
@@ -337,9 +339,10 @@ class Flusher:
                 unprocessed.append(r)
         missing = [r for r in batch if r.id not in seen]
 
-        errors = {"sent": "", "conflict": "AWS already holds a different record for this customer, dimension and"
-                                         " hour (another sender?)",
-                  "rejected": "customer not subscribed; replay after they subscribe"}
+        errors = {Outcome.SENT: "",
+                  Outcome.CONFLICT: "AWS already holds a different record for this customer, dimension and"
+                                    " hour (another sender?)",
+                  Outcome.REJECTED: "customer not subscribed; replay after they subscribe"}
         settlements = [
             Settlement(record=r.id, outcome=outcome, status=status, metering_record_id=mrid,
                        error=errors.get(outcome, f"unexpected status {status!r}"), maybe_received=True,
@@ -348,13 +351,13 @@ class Flusher:
         retries = [(unprocessed, "UnprocessedRecords", False),
                    (missing, "no result for this record in the answer", True)]
         for group, error, maybe in retries:
-            settlements += [Settlement(record=r.id, outcome="retry", error=error, maybe_received=maybe,
+            settlements += [Settlement(record=r.id, outcome=Outcome.RETRY, error=error, maybe_received=maybe,
                                        next_attempt_at=now + self._backoff(r)) for r in group]
         await self.store.settle(settlements, now=now)  # one transaction for the whole answer
         for r, outcome, _, _ in done:
             summary.outcomes[outcome] += 1
             self.records_by_outcome[outcome] += 1
-            if outcome == "conflict":
+            if outcome == Outcome.CONFLICT:
                 log.error("record_conflict", record=r.id, payload=r.payload)
         for group, error, maybe in retries:
             if group:
@@ -381,17 +384,18 @@ class Flusher:
                      summary: FlushSummary, *, at: float | None = None) -> None:
         """Back to pending: due at `at` (the sender's pause), else after each record's own backoff."""
         now = self.clock.now()
-        await self.store.settle([Settlement(record=r.id, outcome="retry", error=error, maybe_received=maybe_received,
+        await self.store.settle([Settlement(record=r.id, outcome=Outcome.RETRY, error=error,
+                                            maybe_received=maybe_received,
                                             next_attempt_at=now + self._backoff(r) if at is None else at)
                                  for r in batch], now=now)
         self._count_retry(len(batch), error, maybe_received, summary)
 
     def _count_retry(self, n: int, error: str, maybe_received: bool, summary: FlushSummary) -> None:
-        summary.outcomes["retry"] += n
-        self.records_by_outcome["retry"] += n
+        summary.outcomes[Outcome.RETRY] += n
+        self.records_by_outcome[Outcome.RETRY] += n
         log.warning("send_retry", records=n, error=error, maybe_received=maybe_received)
 
-    async def _terminal(self, r: DueRecord, state: str, status: str | None, error: str,
+    async def _terminal(self, r: DueRecord, state: Outcome, status: str | None, error: str,
                         summary: FlushSummary) -> None:
         await self.store.settle([Settlement(record=r.id, outcome=state, status=status, error=error)],
                                 now=self.clock.now())

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from sidecar.store import queries
+from sidecar.store.protocol import UsageReader
 
 
 class Metrics:
@@ -41,7 +41,7 @@ class Metrics:
             ["result"], registry=self.registry)
         self.pruned = Counter("sidecar_events_pruned_total", "Event rows deleted by retention.", registry=self.registry)
 
-    def attach(self, *, view: queries.UsageView, now: Callable[[], float], flusher: Any) -> None:
+    def attach(self, *, view: UsageReader, now: Callable[[], float], flusher: Any) -> None:
         """Add the scrape-time collector that reads state from the database and the flusher."""
         self.registry.register(_StateCollector(view, now, flusher))
 
@@ -51,7 +51,7 @@ class Metrics:
 
 
 class _StateCollector(Collector):
-    def __init__(self, view: queries.UsageView, now: Callable[[], float], flusher: Any) -> None:
+    def __init__(self, view: UsageReader, now: Callable[[], float], flusher: Any) -> None:
         self.view = view
         self.now = now
         self.flusher = flusher

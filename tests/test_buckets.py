@@ -126,7 +126,7 @@ def test_unmapped_tenant_joins_customer_when_mapped(store: Store, clock: ManualC
     b = buckets(store)
     assert b[("tenant:acme", "tokens-processed", H09)]["state"] == "unmapped"
     ref = CustomerRef(customer_identifier="acme-aws")
-    moved = store.call(lambda conn: store._map_tenant(conn, "acme", ref, "api"))
+    moved = store.call(lambda conn: store.rules.map_tenant(conn, "acme", ref, "api"))
     assert moved == 4
     b = buckets(store)
     assert not [k for k in b if k[0] == "tenant:acme"]
@@ -191,7 +191,7 @@ def test_conservation_property(steps: list[tuple[Any, ...]]) -> None:
                 else:
                     tenant = st_[1]
                     ref = CustomerRef(customer_identifier=f"aws-{tenant}")
-                    store.call(lambda conn, t=tenant, r=ref: store._map_tenant(conn, t, r, "api"))
+                    store.call(lambda conn, t=tenant, r=ref: store.rules.map_tenant(conn, t, r, "api"))
                     mapped[tenant] = ref.key
             for obj, at in seen.values():
                 cust = obj["customer"]
@@ -233,7 +233,7 @@ def test_failed_mapping_leaves_no_trace_in_memory(store: Store, clock: ManualClo
     import pytest
 
     def map_then_fail(conn: sqlite3.Connection) -> None:
-        store._map_tenant(conn, "acme", CustomerRef(customer_identifier="acme-aws"), "api")
+        store.rules.map_tenant(conn, "acme", CustomerRef(customer_identifier="acme-aws"), "api")
         raise RuntimeError("the commit never happens")
 
     with pytest.raises(RuntimeError):

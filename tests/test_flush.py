@@ -359,7 +359,7 @@ async def test_restart_mid_flight_resends_identically(kit: Kit) -> None:
     kit.clock.set(SEALED)
     await kit.flusher.prepare()
     now = kit.clock.now()
-    claimed = await kit.store.run(lambda c: rec.claim(c, now=now, limit=25))
+    claimed = await kit.store.run(lambda c: rec.claim(c, now=now, limit=25, owner="test"))
     # The call reaches AWS and is billed, then the process dies before writing the outcome.
     kit.client.batch_meter_usage([r.payload for r in claimed], PRODUCT)
     payloads_before = {r["id"]: r["payload"] for r in kit.records()}

@@ -211,7 +211,7 @@ def test_fair_share_conservation(plan: list[tuple[Any, ...]], birth: str) -> Non
                 else:
                     store.seal_due_sync()
             clock.advance(3 * HOUR_S)
-            store.call(lambda conn: store._seal(conn, through=hour_start(clock.now()) + HOUR_S))
+            store.call(lambda conn: store.rules.seal(conn, through=hour_start(clock.now()) + HOUR_S))
             accounted = sum(gpu_buckets(s.db_path).values())
             first = min([a for a, _ in spans.values()], default=0)
             last = max([b for _, b in spans.values()], default=0)
@@ -297,7 +297,7 @@ def test_dedicated_conservation(plan: list[tuple[Any, ...]], gpus: int) -> None:
                     last_pass = clock.now()
             store.seal_due_sync()
             ran += clock.now() - last_pass
-            store.call(lambda conn: store._seal(conn, through=hour_start(clock.now()) + HOUR_S))
+            store.call(lambda conn: store.rules.seal(conn, through=hour_start(clock.now()) + HOUR_S))
         finally:
             store.close()
         assert sum(gpu_buckets(s.db_path).values()) == round(ran * US) * gpus

@@ -72,7 +72,7 @@ async def test_a_held_spike_carried_by_the_window_is_held_again(spiked: Kit) -> 
 
 async def test_a_discarded_record_stays_discarded(spiked: Kit) -> None:
     """Discarded: its own state, never replayed as `expired`, never the baseline of the spike rule."""
-    assert spiked.store.release_held_sync(discard=True) == 1
+    assert await spiked.store.release_held(discard=True) == 1
     out = await spiked.store.replay(states=["expired"])
     assert out == {"resent": 0, "rebuilt": 0, "carried": 0, "unknown": 0}
     later = H10 + 48 * HOUR_S
@@ -122,7 +122,7 @@ def test_a_carry_of_several_units_is_billed_whole_at_the_final_seal(tmp_path: Pa
     s2 = replace(s, dimensions=per_100, settle_remainders=policy)  # type: ignore[arg-type]
     store = Store.open(s2.db_path, settings=s2, clock=clock)
     try:
-        store.call(lambda conn: store._seal(conn, through=H10 + HOUR_S, final=True))
+        store.call(lambda conn: store.rules.seal(conn, through=H10 + HOUR_S, final=True))
     finally:
         store.close()
     # The 09:00 bucket is sealed and not frozen yet: it takes the units (1 from release N, plus these).
@@ -159,7 +159,7 @@ def test_dedicated_time_stops_at_the_final_seal(tmp_path: Path) -> None:
     store = Store.open(s.db_path, settings=s, clock=clock)
     try:
         clock.set(H10 + 1800)
-        store.call(lambda conn: store._seal(conn, through=H10 + HOUR_S, final=True))
+        store.call(lambda conn: store.rules.seal(conn, through=H10 + HOUR_S, final=True))
         clock.set(H10 + 1810)
         store.seal_due_sync()
         assert rows(s.db_path, "SELECT count(*) FROM buckets WHERE state = 'open'") == [(0,)]

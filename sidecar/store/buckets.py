@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import structlog
 
 from sidecar.clock import HOUR_S, Clock, hour_start
-from sidecar.config import MAX_QUANTITY, CustomerRef, Dimension, Settings
+from sidecar.config import MAX_QUANTITY, Dimension, Settings
 from sidecar.events import UsageEvent
+from sidecar.model import BucketState, CustomerRef, is_tenant_key, tenant_key
 from sidecar.store import records
 from sidecar.usage import (
     BucketKey,
@@ -126,7 +127,7 @@ class Buckets:
             [(d.name, d.source, d.unit, d.raw_unit, now) for d in self.settings.dimensions],
         )
 
-    def _ingest(
+    def ingest(
         self, conn: sqlite3.Connection, batches: Sequence[Sequence[UsageEvent]], now: float, watermark: int
     ) -> list[IngestResult]:
         """Store the events not seen before and add their usage to buckets (we hold the write lock).
@@ -156,7 +157,7 @@ class Buckets:
                 else:
                     assert ev.tenant is not None
                     mapped = self._tenants.get(ev.tenant)
-                    customer = mapped if mapped is not None else f"tenant:{ev.tenant}"
+                    customer = mapped if mapped is not None else tenant_key(ev.tenant)
                     if mapped is None:
                         new_customers.setdefault(customer, ev.tenant)
                 hour, late = target_hour(ev.time, now=now, watermark=watermark)
@@ -217,7 +218,7 @@ class Buckets:
                 records.park(conn, customer=c, dimension=d, hour=h, unit=dl.unit, raw=dl.raw, events=dl.events,
                              first_event_at=dl.first_event_at, reason=problem, now=now)
                 continue
-            rows.append((c, d, h, "unmapped" if c.startswith("tenant:") else "open", dl.raw, dl.events,
+            rows.append((c, d, h, BucketState.UNMAPPED if is_tenant_key(c) else BucketState.OPEN, dl.raw, dl.events,
                          dl.carried_in, dl.first_event_at, dl.unit))
         if not rows:
             return
@@ -248,7 +249,20 @@ class Buckets:
         """Hours starting before this are sealed or due to be (never moves back)."""
         return sealing_watermark(now, self.settings.hour_grace_s, self._watermark)
 
-    def _seal(self, conn: sqlite3.Connection, *, through: int | None = None, final: bool = False) -> int:
+    def open_hour(self, now: float) -> int:
+        """The hour that usage moved out of a record goes into: the earliest one not yet sealed."""
+        return max(hour_start(now), self.watermark(now))
+
+    def window_closes_at(self, timestamp: int) -> int:
+        """When a record with this timestamp stops being worth a send (AWS's window, less a margin)."""
+        return records.window_closes_at(timestamp, window_s=self.settings.window_s,
+                                        margin_s=self.settings.window_margin_s)
+
+    def dimension(self, name: str) -> Dimension | None:
+        """The configured dimension called `name`, if any."""
+        return self._dims.get(name)
+
+    def seal(self, conn: sqlite3.Connection, *, through: int | None = None, final: bool = False) -> int:
         """Seal due hours; `through` also seals hours starting before it (shutdown seals the open hour).
 
         `final` (SIGTERM, `flush --once --final`) also settles remainders by `settle_remainders`.
@@ -411,8 +425,8 @@ class Buckets:
                 self._ensure_customers(conn, {key: who})
             else:
                 assert who is not None
-                key = self._tenants.get(who) or f"tenant:{who}"
-                if key.startswith("tenant:"):
+                key = self._tenants.get(who) or tenant_key(who)
+                if is_tenant_key(key):
                     self._ensure_customers(conn, {key: who})
             for hour, a, b in hour_pieces(since, now_us):
                 amount = (b - a) * self.settings.gpus
@@ -504,7 +518,7 @@ class Buckets:
                  hour - lookback, hour),
             )
 
-    def _map_tenant(self, conn: sqlite3.Connection, tenant: str, ref: CustomerRef, source: str) -> int:
+    def map_tenant(self, conn: sqlite3.Connection, tenant: str, ref: CustomerRef, source: str) -> int:
         """Map a tenant to a customer and move its unmapped usage into that customer's open buckets."""
         now = self.clock.now()
         key = ref.key
@@ -515,7 +529,7 @@ class Buckets:
             " source = excluded.source, updated_at = excluded.updated_at",
             (tenant, key, source, int(now)),
         )
-        src = f"tenant:{tenant}"
+        src = tenant_key(tenant)
         watermark = self.watermark(now)
         current = max(hour_start(now), watermark)
         by_unit: dict[int, dict[BucketKey, Delta]] = {}  # releases' units never mix in one delta
@@ -547,7 +561,7 @@ class Buckets:
             log.info("tenant_usage_mapped", tenant=tenant, buckets=len(moved))
         return len(moved)
 
-    def _prune(self, conn: sqlite3.Connection, *, limit: int) -> int:
+    def prune(self, conn: sqlite3.Connection, *, limit: int) -> int:
         """Delete up to `limit` event rows that can no longer matter.
 
         A row is kept while a duplicate of it could still be accepted (its time is within

@@ -1,14 +1,21 @@
-"""What the sender needs from a store, as one typed protocol a second backend can implement.
+"""The store as the rest of the product sees it: typed protocols a second backend can implement.
 
-Each method is one transaction. The flusher sees only due records and the outcomes it reports;
-where and how they are stored is the backend's business (the SQLite `writer.Store` today).
+Each async method is one transaction: it commits whole or not at all. The flusher uses only
+`SendingStore` (it sees due records and reports outcomes); the app and the CLI use `MeteringStore`;
+reads for /usage, /healthz, /metrics and `sidecar usage` go through `UsageReader`, which works
+beside the writer and with the daemon down. Nothing outside `sidecar/store/` knows where or how
+the data is kept (the SQLite `writer.Store` today).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
+from sidecar.events import UsageEvent
+from sidecar.model import CustomerRef
+from sidecar.store.buckets import IngestResult
+from sidecar.store.queries import UsageFilter
 from sidecar.store.records import DueRecord, Settlement
 
 
@@ -20,8 +27,8 @@ class SendingStore(Protocol):
         records frozen and the window outcomes (carried, expired, unknown) by state."""
         ...
 
-    async def claim(self, *, now: float, limit: int) -> list[DueRecord]:
-        """The oldest due records of one scheme and product, marked in flight."""
+    async def claim(self, *, now: float, limit: int, owner: str = ...) -> list[DueRecord]:
+        """The oldest due records of one scheme and product, marked in flight for `owner`."""
         ...
 
     async def peek_due(self, *, now: float, limit: int) -> list[DueRecord]:
@@ -42,4 +49,87 @@ class SendingStore(Protocol):
 
     async def pending_summary(self) -> tuple[int, float | None]:
         """How many records are pending, and the earliest time one is due again."""
+        ...
+
+
+class UsageReader(Protocol):
+    """Read-only figures; synchronous (callers run them in a worker thread), each on its own snapshot."""
+
+    def exists(self) -> bool:
+        """Whether there is anything to read yet."""
+        ...
+
+    def usage(self, f: UsageFilter, *, limit: int = 5000, health_at: float | None = None) -> dict[str, Any]:
+        """Bucket rows, per-customer totals and parked usage; with `health_at`, the health figures too."""
+        ...
+
+    def health(self, now: float) -> dict[str, Any]:
+        """The figures /healthz reports."""
+        ...
+
+    def left_behind(self, now: float) -> dict[str, Any]:
+        """What the store still holds unsent."""
+        ...
+
+    def open_buckets(self) -> int:
+        """Buckets of hours still open."""
+        ...
+
+    def figures(self, now: float) -> dict[str, Any] | None:
+        """Everything /metrics reads at a scrape; None before the store exists."""
+        ...
+
+
+class MeteringStore(SendingStore, Protocol):
+    """Every domain operation of the store, as the app, the CLI and the flusher use them."""
+
+    @property
+    def view(self) -> UsageReader:
+        """Reads beside the writer."""
+        ...
+
+    async def ingest(self, events: Sequence[UsageEvent]) -> IngestResult:
+        """Store a validated batch durably: dedup by event_id, usage added to its hourly buckets."""
+        ...
+
+    async def check_writable(self, now: float) -> None:
+        """A tiny write: raises StoreUnavailable or StoreClosed when the store cannot commit."""
+        ...
+
+    async def map_tenant(self, tenant: str, ref: CustomerRef, *, source: str = "api") -> int:
+        """Map a tenant to a customer; returns how many unmapped buckets joined the customer's."""
+        ...
+
+    async def seal_due(self) -> int:
+        """Seal every open bucket whose hour ended more than the grace period ago."""
+        ...
+
+    async def seal_through(self, before: int, *, final: bool = False) -> int:
+        """Seal open buckets of hours starting before `before`; `final` settles remainders too."""
+        ...
+
+    async def prune(self, *, batch: int = 1000, max_batches: int = 20) -> int:
+        """Delete event rows no longer needed for dedup or open hours; returns rows deleted."""
+        ...
+
+    async def replay(self, *, states: Sequence[str], customer: str | None = None,
+                     rename: Mapping[str, str] | None = None) -> dict[str, int]:
+        """Re-drive rejected, conflict or expired records (resend, rebuild or carry); counts by action."""
+        ...
+
+    async def release_held(self, *, customer: str | None = None, dimension: str | None = None,
+                           record_id: int | None = None, discard: bool = False) -> int:
+        """Send (or discard) records a guardrail held; returns how many."""
+        ...
+
+    async def discard_unmapped(self, *, customer: str) -> int:
+        """Give up a tenant's unmapped usage; returns buckets discarded."""
+        ...
+
+    async def release_parked(self, *, rename: Mapping[str, str], customer: str | None = None) -> int:
+        """Move parked (`unconfigured`) usage into configured dimensions (OLD=NEW); returns rows moved."""
+        ...
+
+    def close(self) -> None:
+        """Finish queued work and release the store (and its ownership)."""
         ...

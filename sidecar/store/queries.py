@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.config import Settings
+from sidecar.model import OPEN_BUCKET_STATES, Scheme
 from sidecar.store.db import connect
-
-OPEN_STATES = ("open", "unmapped")
 
 
 @contextlib.contextmanager
@@ -43,7 +42,6 @@ class UsageFilter:
             customer_clause(self.customer, "customer")  # refuses an empty value now, not mid-query
 
 
-CUSTOMER_SCHEMES = ("identifier:", "account:", "tenant:")
 ACCOUNT_ID = re.compile(r"[0-9]{12}")
 
 
@@ -60,7 +58,7 @@ def customer_clause(text: str, column: str) -> tuple[str, list[Any]]:
             "customer: must not be empty; give a customer key (identifier:ID, account:ACCOUNT/LICENSE_ARN,"
             " tenant:NAME), a 12-digit AWS account id, or a customer identifier"
         )
-    if text.startswith(CUSTOMER_SCHEMES):
+    if text.startswith(tuple(Scheme)):
         return f"{column} = ?", [text]
     if ACCOUNT_ID.fullmatch(text):
         return (
@@ -129,7 +127,7 @@ def usage_totals(conn: sqlite3.Connection, f: UsageFilter) -> list[dict[str, Any
              "open_raw": 0, "events": 0, "quantity_by_state": {}, "carry_raw": 0},
         )
         t["events"] += r["events"]
-        if r["state"] in OPEN_STATES:
+        if r["state"] in OPEN_BUCKET_STATES:
             t["open_raw"] += r["raw"]
             t["quantity_by_state"][r["state"]] = 0
         else:

@@ -12,19 +12,20 @@ import sqlite3
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from sidecar.clock import hour_start
 from sidecar.config import MAX_QUANTITY, Dimension
+from sidecar.model import REPLAYABLE, HoldOutcome, Outcome, RecordState
 from sidecar.usage import BucketKey, Delta, guardrail, record_timestamp
+
+if TYPE_CHECKING:  # buckets imports this module; the rules object is only passed in
+    from sidecar.store.buckets import Buckets
 
 log = structlog.get_logger("sidecar.records")
 
-REPLAYABLE = ("rejected", "conflict", "expired")
 HISTORY_S = 7 * 24 * 3600  # the spike rule compares with the customer's last 7 days
-DeltaSink = Callable[[sqlite3.Connection, dict[BucketKey, Delta]], None]
 
 
 def certainly_refused(aws_status: str | None) -> bool:
@@ -118,7 +119,7 @@ def _hold_or_pend(conn: sqlite3.Connection, guard: Guard, record_id: int, *, cus
                   hour: int, quantity: int, now: float) -> str:
     """Put a freshly (re)built record in `pending`, or in `held` when a guardrail trips (logged as an error)."""
     rule = _check_guardrails(conn, guard, customer=customer, dimension=dimension, hour=hour, quantity=quantity)
-    state = "pending" if rule is None else "held"
+    state = RecordState.PENDING if rule is None else RecordState.HELD
     _set_state(conn, record_id, state)
     if rule is not None:
         conn.execute("INSERT INTO holds (record_id, rule, held_at) VALUES (?,?,?) ON CONFLICT (record_id) DO UPDATE"
@@ -212,58 +213,56 @@ def _add_carry(conn: sqlite3.Connection, customer: str, dimension: str, raw: int
                  (customer, dimension, raw))
 
 
-def carry_into_open_hour(conn: sqlite3.Connection, record_id: int, *, now: float, watermark: int,
-                         apply_deltas: DeltaSink, reason: str, into: Dimension | None = None) -> None:
+def carry_into_open_hour(conn: sqlite3.Connection, rules: Buckets, record_id: int, *, now: float, reason: str,
+                         into: Dimension | None = None) -> None:
     """Move a never-received record's usage into the current open hour of its customer, in raw
     units with the unit it was measured in (or into `into`, a configured dimension of the same
-    source, with that dimension's unit). The sink parks what the configuration cannot bill."""
+    source, with that dimension's unit). `rules.apply_deltas` parks what the configuration cannot bill."""
     r = conn.execute(
         "SELECT r.customer, r.dimension, r.quantity, b.unit FROM records r JOIN buckets b"
         " ON b.customer = r.customer AND b.dimension = r.dimension AND b.hour = r.hour WHERE r.id = ?",
         (record_id,),
     ).fetchone()
     raw = r["quantity"] * r["unit"]
-    hour = max(hour_start(now), watermark)
+    hour = rules.open_hour(now)
     dimension, unit = (r["dimension"], r["unit"]) if into is None else (into.name, into.raw_unit)
     deltas: dict[BucketKey, Delta] = {}
     if raw:
         deltas[(r["customer"], dimension, hour)] = Delta(unit=unit, raw=raw, events=0, carried_in=raw,
                                                           first_event_at=int(now))
-    _set_state(conn, record_id, "carried", last_error=f"{reason}; carried to {dimension} hour {hour}")
-    apply_deltas(conn, deltas)
+    _set_state(conn, record_id, RecordState.CARRIED, last_error=f"{reason}; carried to {dimension} hour {hour}")
+    rules.apply_deltas(conn, deltas)
     log.warning("record_carried", record=record_id, customer=r["customer"], dimension=r["dimension"],
                 quantity=r["quantity"], to_dimension=dimension, to_hour=hour)
 
 
-def close_window(conn: sqlite3.Connection, record: int, *, policy: str, now: float, watermark: int,
-                 apply_deltas: DeltaSink, reason: str, into: Dimension | None = None) -> str:
-    """A record whose window closed: unknown if AWS may have it, else carry or expire by policy."""
+def close_window(conn: sqlite3.Connection, rules: Buckets, record: int, *, now: float, reason: str,
+                 policy: str | None = None, into: Dimension | None = None) -> str:
+    """A record whose window closed: unknown if AWS may have it, else carry or expire by `policy`
+    (default: the configured `expired_policy`)."""
     row = conn.execute("SELECT maybe_received, customer, dimension, quantity FROM records WHERE id = ?",
                        (record,)).fetchone()
     if row["maybe_received"]:
-        _set_state(conn, record, "unknown", last_error=f"{reason}; an earlier send may have been billed")
+        _set_state(conn, record, RecordState.UNKNOWN, last_error=f"{reason}; an earlier send may have been billed")
         log.error("record_outcome_unknown", record=record, customer=row["customer"],
                   dimension=row["dimension"], quantity=row["quantity"])
-        return "unknown"
-    if policy == "carry":
-        carry_into_open_hour(conn, record, now=now, watermark=watermark, apply_deltas=apply_deltas, reason=reason,
-                             into=into)
-        return "carried"
-    _set_state(conn, record, "expired", last_error=reason)
+        return RecordState.UNKNOWN
+    if (policy or rules.settings.expired_policy) == "carry":
+        carry_into_open_hour(conn, rules, record, now=now, reason=reason, into=into)
+        return RecordState.CARRIED
+    _set_state(conn, record, RecordState.EXPIRED, last_error=reason)
     log.error("record_expired", record=record, customer=row["customer"], dimension=row["dimension"],
               quantity=row["quantity"])
-    return "expired"
+    return RecordState.EXPIRED
 
 
-def close_windows(conn: sqlite3.Connection, *, now: float, window_s: int, margin_s: int, policy: str,
-                  watermark: int, apply_deltas: DeltaSink) -> dict[str, int]:
+def close_windows(conn: sqlite3.Connection, rules: Buckets, *, now: float) -> dict[str, int]:
     """Apply the window rule to every pending or held record that is not being sent right now."""
     counts: dict[str, int] = {}
     for r in conn.execute(
             "SELECT id, timestamp FROM records WHERE state IN ('pending', 'held') AND in_flight = 0").fetchall():
-        if now >= window_closes_at(r["timestamp"], window_s=window_s, margin_s=margin_s):
-            state = close_window(conn, r["id"], policy=policy, now=now, watermark=watermark,
-                                 apply_deltas=apply_deltas, reason="window closed before AWS accepted it")
+        if now >= rules.window_closes_at(r["timestamp"]):
+            state = close_window(conn, rules, r["id"], now=now, reason="window closed before AWS accepted it")
             counts[state] = counts.get(state, 0) + 1
     return counts
 
@@ -297,11 +296,14 @@ def peek_due(conn: sqlite3.Connection, *, now: float, limit: int) -> list[DueRec
     return _due(conn, now, limit)
 
 
-def claim(conn: sqlite3.Connection, *, now: float, limit: int = 25) -> list[DueRecord]:
-    """The oldest due records of one scheme, marked in flight before anything is sent."""
+def claim(conn: sqlite3.Connection, *, now: float, limit: int = 25, owner: str) -> list[DueRecord]:
+    """The oldest due records of one scheme, marked in flight (by `owner`) before anything is sent."""
     picked = _due(conn, now, limit)
     conn.executemany("UPDATE records SET in_flight = 1, attempts = attempts + 1 WHERE id = ?",
                      [(r.id,) for r in picked])
+    conn.executemany("INSERT INTO claims (record_id, owner, claimed_at) VALUES (?,?,?) ON CONFLICT (record_id)"
+                     " DO UPDATE SET owner = excluded.owner, claimed_at = excluded.claimed_at",
+                     [(r.id, owner, int(now)) for r in picked])
     return picked
 
 
@@ -310,7 +312,7 @@ class Settlement:
     """How one record's send ended; all of one AWS answer are written in one transaction."""
 
     record: int
-    outcome: str  # sent, conflict, rejected, or retry (back to pending, due at next_attempt_at)
+    outcome: Outcome  # retry: back to pending, due at next_attempt_at
     status: str | None = None  # AWS's per-record Status or error code
     metering_record_id: str | None = None
     error: str = ""
@@ -321,11 +323,11 @@ class Settlement:
 def settle(conn: sqlite3.Connection, settlements: Iterable[Settlement], *, now: float) -> None:
     """Write the outcomes of one call (see Settlement)."""
     for s in settlements:
-        if s.outcome == "sent":
+        if s.outcome == Outcome.SENT:
             mark_sent(conn, s.record, status=s.status or "Success", metering_record_id=s.metering_record_id, now=now)
-        elif s.outcome in ("conflict", "rejected"):
+        elif s.outcome in (Outcome.CONFLICT, Outcome.REJECTED):
             mark_terminal(conn, s.record, state=s.outcome, status=s.status, error=s.error)
-        elif s.outcome == "retry":
+        elif s.outcome == Outcome.RETRY:
             mark_retry(conn, [s.record], error=s.error, maybe_received=s.maybe_received,
                        next_attempt_at={s.record: s.next_attempt_at})
         else:
@@ -335,7 +337,7 @@ def settle(conn: sqlite3.Connection, settlements: Iterable[Settlement], *, now: 
 def mark_sent(conn: sqlite3.Connection, record: int, *, status: str, metering_record_id: str | None,
               now: float) -> None:
     """AWS accepted the record (Success, or a DuplicateRecord of our own earlier send)."""
-    _set_state(conn, record, "sent", aws_status=status, metering_record_id=metering_record_id,
+    _set_state(conn, record, RecordState.SENT, aws_status=status, metering_record_id=metering_record_id,
                sent_at=int(now))
 
 
@@ -362,9 +364,8 @@ def mark_retry(conn: sqlite3.Connection, records: Iterable[int], *, error: str, 
         )
 
 
-def replay(conn: sqlite3.Connection, *, states: Iterable[str], now: float, window_s: int, margin_s: int,
-           customer: tuple[str, list[Any]] | None, watermark: int, apply_deltas: DeltaSink, guard: Guard,
-           product_code: str | None, rename: Mapping[str, str]) -> dict[str, int]:
+def replay(conn: sqlite3.Connection, rules: Buckets, *, states: Iterable[str], now: float,
+           customer: tuple[str, list[Any]] | None, rename: Mapping[str, str]) -> dict[str, int]:
     """Re-drive terminal records.
 
     A rejected record AWS certainly did not bill (see `certainly_refused`) is rebuilt from its usage
@@ -375,6 +376,7 @@ def replay(conn: sqlite3.Connection, *, states: Iterable[str], now: float, windo
     earlier send may have been billed is never moved (it becomes `unknown`).
     `customer` is an SQL condition on the `customer` column with its arguments (exact matches).
     """
+    guard = rules.guard
     states = [s for s in states if s in REPLAYABLE]
     if not states:
         return {}
@@ -391,24 +393,23 @@ def replay(conn: sqlite3.Connection, *, states: Iterable[str], now: float, windo
         if r["dimension"] in rename and rename[r["dimension"]] in guard.dimensions:
             renamed.add((r["customer"], r["dimension"], rename[r["dimension"]]))
         target = guard.dimensions.get(rename.get(r["dimension"], r["dimension"]))
-        in_window = now < window_closes_at(r["timestamp"], window_s=window_s, margin_s=margin_s)
-        if r["state"] == "rejected" and not r["maybe_received"] and certainly_refused(r["aws_status"]):
+        in_window = now < rules.window_closes_at(r["timestamp"])
+        if r["state"] == RecordState.REJECTED and not r["maybe_received"] and certainly_refused(r["aws_status"]):
             if in_window and target is not None:
-                done = _rebuild(conn, r["id"], target, now=now, guard=guard, product_code=product_code)
+                done = _rebuild(conn, r["id"], target, now=now, guard=guard, product_code=rules.settings.product_code)
                 if done is not None:
                     counts[done] += 1
                     continue
-            state = close_window(conn, r["id"], policy="carry", now=now, watermark=watermark,
-                                 apply_deltas=apply_deltas, into=target,
+            state = close_window(conn, rules, r["id"], policy="carry", now=now, into=target,
                                  reason=f"replayed by operator from {r['state']} ({r['aws_status']})")
             counts[state] += 1
-        elif r["state"] == "rejected" and in_window:
+        elif r["state"] == RecordState.REJECTED and in_window:
             # Not certainly refused (an earlier send's answer was lost): only the identical record may go.
-            _set_state(conn, r["id"], "pending", next_attempt_at=0, last_error="replayed by operator")
+            _set_state(conn, r["id"], RecordState.PENDING, next_attempt_at=0, last_error="replayed by operator")
             counts["resent"] += 1
         else:
-            state = close_window(conn, r["id"], policy="carry", now=now, watermark=watermark,
-                                 apply_deltas=apply_deltas, into=target if r["dimension"] in rename else None,
+            state = close_window(conn, rules, r["id"], policy="carry", now=now,
+                                 into=target if r["dimension"] in rename else None,
                                  reason=f"replayed by operator from {r['state']}")
             counts[state] += 1
     for who, old, new in sorted(renamed):
@@ -449,7 +450,7 @@ def _rebuild(conn: sqlite3.Connection, record_id: int, target: Dimension, *, now
         return None
     payload, code = built
     if payload_json(payload) == r["payload"] and code == r["product_code"]:
-        _set_state(conn, record_id, "pending", next_attempt_at=0, last_error="replayed by operator")
+        _set_state(conn, record_id, RecordState.PENDING, next_attempt_at=0, last_error="replayed by operator")
         return "resent"
     conn.execute(
         "INSERT INTO record_rebuilds (record_id, at, old_state, old_dimension, old_quantity, old_product_code,"
@@ -494,11 +495,11 @@ def release_held(conn: sqlite3.Connection, *, customer: tuple[str, list[Any]] | 
     rows = conn.execute(sql, args).fetchall()
     for r in rows:
         if discard:
-            _set_state(conn, r["id"], "discarded", last_error="held by a guardrail; discarded by operator")
+            _set_state(conn, r["id"], RecordState.DISCARDED, last_error="held by a guardrail; discarded by operator")
         else:
-            _set_state(conn, r["id"], "pending", next_attempt_at=0, last_error="released by operator")
+            _set_state(conn, r["id"], RecordState.PENDING, next_attempt_at=0, last_error="released by operator")
         conn.execute("UPDATE holds SET released_at = ?, outcome = ? WHERE record_id = ?",
-                     (int(now), "discarded" if discard else "released", r["id"]))
+                     (int(now), HoldOutcome.DISCARDED if discard else HoldOutcome.RELEASED, r["id"]))
         log.warning("held_record_discarded" if discard else "held_record_released", record=r["id"],
                     customer=r["customer"], dimension=r["dimension"], hour=r["hour"], quantity=r["quantity"])
     return len(rows)
@@ -517,9 +518,8 @@ def discard_unmapped(conn: sqlite3.Connection, *, customer: tuple[str, list[Any]
     return len(rows)
 
 
-def release_parked(conn: sqlite3.Connection, *, dimension: str, into: Dimension,
-                   customer: tuple[str, list[Any]] | None, now: float, watermark: int,
-                   apply_deltas: DeltaSink) -> int:
+def release_parked(conn: sqlite3.Connection, rules: Buckets, *, dimension: str, into: Dimension,
+                   customer: tuple[str, list[Any]] | None, now: float) -> int:
     """Move parked (`unconfigured`) usage of `dimension` into the configured dimension `into`, in the
     customer's open hour, with `into`'s unit. Raises ValueError when the two measure different things."""
     known = conn.execute("SELECT source FROM dimensions WHERE name = ?", (dimension,)).fetchone()
@@ -532,14 +532,14 @@ def release_parked(conn: sqlite3.Connection, *, dimension: str, into: Dimension,
         sql += f" AND {customer[0]}"
         args += customer[1]
     rows = conn.execute(sql + " ORDER BY id", args).fetchall()
-    hour = max(hour_start(now), watermark)
+    hour = rules.open_hour(now)
     for p in rows:
         if known is None:
             log.warning("release_source_unknown", parked=p["id"], dimension=dimension, into=into.name,
                         note="no release that opened this file configured it; the operator's mapping is trusted")
         conn.execute("UPDATE parked SET state = 'released', released_to = ?, released_at = ? WHERE id = ?",
                      (into.name, int(now), p["id"]))
-        apply_deltas(conn, {(p["customer"], into.name, hour): Delta(
+        rules.apply_deltas(conn, {(p["customer"], into.name, hour): Delta(
             unit=into.raw_unit, raw=p["raw"], events=p["events"], carried_in=p["raw"],
             first_event_at=p["first_event_at"])})
         log.warning("parked_usage_released", parked=p["id"], customer=p["customer"], dimension=dimension,

@@ -24,12 +24,15 @@ from typing import IO, Any, TypeVar
 import structlog
 
 from sidecar.clock import Clock
-from sidecar.config import CustomerRef, Settings
+from sidecar.config import Settings
 from sidecar.errors import StoreBusy, StoreClosed, StoreLocked
 from sidecar.events import UsageEvent
+from sidecar.model import CustomerRef
 from sidecar.store import queries, records
 from sidecar.store.buckets import Buckets, IngestResult, _dimension_source, _stranded_tenants
 from sidecar.store.db import _unavailable, check_integrity, connect, migrate
+
+LOCAL_OWNER = "local"  # the claim owner of a single-file store: the process holding its lock
 
 log = structlog.get_logger("sidecar.store")
 
@@ -143,7 +146,7 @@ class Store:
             for tenant, ref in {**stranded, **settings.customers}.items():
                 if store.rules._tenants.get(tenant) != ref.key or tenant in stranded:
                     source = "config" if tenant in settings.customers else "api"
-                    store.call(functools.partial(store.rules._map_tenant, tenant=tenant, ref=ref, source=source))
+                    store.call(functools.partial(store.rules.map_tenant, tenant=tenant, ref=ref, source=source))
         return store
 
     # ---- the writer thread -------------------------------------------------------------
@@ -219,7 +222,7 @@ class Store:
                 watermark = self.rules.watermark(now)
                 conn.execute("SAVEPOINT grp")
                 try:  # fast path: the whole group in one pass
-                    for job, res in zip(group, self.rules._ingest(conn, [j.events for j in group], now, watermark),
+                    for job, res in zip(group, self.rules.ingest(conn, [j.events for j in group], now, watermark),
                                         strict=True):
                         results.append((job, res, None))
                     conn.execute("RELEASE grp")
@@ -233,7 +236,7 @@ class Store:
                     for job in group:
                         conn.execute("SAVEPOINT job")
                         try:
-                            results.append((job, self.rules._ingest(conn, [job.events], now, watermark)[0], None))
+                            results.append((job, self.rules.ingest(conn, [job.events], now, watermark)[0], None))
                         except sqlite3.OperationalError:
                             raise
                         except Exception as exc:  # one bad request must not fail its neighbours
@@ -269,29 +272,7 @@ class Store:
         )
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-    # ---- public API ----------------------------------------------------------------------
-
-    def freeze(self, conn: sqlite3.Connection, *, now: float) -> int:
-        """Freeze sealed buckets into records (pending, or held by a guardrail)."""
-        return self.rules.freeze(conn, now=now)
-
-    def _seal(self, conn: sqlite3.Connection, *, through: int | None = None, final: bool = False) -> int:
-        return self.rules._seal(conn, through=through, final=final)
-
-    def _map_tenant(self, conn: sqlite3.Connection, tenant: str, ref: CustomerRef, source: str) -> int:
-        return self.rules._map_tenant(conn, tenant, ref, source)
+    # ---- the SQLite runner (tests and this backend only; the product uses the domain methods) --
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
         """Run `fn(conn)` in one write transaction on the writer thread."""
@@ -302,7 +283,7 @@ class Store:
         return fut
 
     def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Blocking form of `submit`, for the CLI and start-up."""
+        """Blocking form of `submit`, for start-up and tests."""
         return self.submit(fn).result()
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -313,6 +294,14 @@ class Store:
         fut: asyncio.Future[T] = loop.create_future()
         self._queue.put(_Job(fn=fn, afuture=fut, loop=loop))
         return await fut
+
+    def freeze(self, conn: sqlite3.Connection, *, now: float) -> int:
+        """Freeze sealed buckets into records (pending, or held by a guardrail)."""
+        return self.rules.freeze(conn, now=now)
+
+    def seal_due_sync(self) -> int:
+        """Blocking form of `seal_due`."""
+        return self.call(self.rules.seal)
 
     def _unqueue(self, n: int) -> None:
         with self._queued_lock:
@@ -327,8 +316,10 @@ class Store:
                 raise StoreBusy(f"{self._queued_events} events are waiting for the disk; retry shortly")
             self._queued_events += n
 
+    # ---- ingest and mapping (protocol.MeteringStore) ----------------------------------------------
+
     def ingest_future(self, events: Sequence[UsageEvent]) -> concurrent.futures.Future[IngestResult]:
-        """Queue validated events for the next group commit."""
+        """Queue validated events for the next group commit (for a caller without an event loop)."""
         self._admit(len(events))
         fut: concurrent.futures.Future[IngestResult] = concurrent.futures.Future()
         self._queue.put(_Job(fn=None, future=fut, events=events))
@@ -346,25 +337,25 @@ class Store:
         """A tiny write transaction: raises StoreUnavailable/StoreClosed when the database cannot commit."""
         await self.run(functools.partial(_stamp_health, now=now))
 
+    async def map_tenant(self, tenant: str, ref: CustomerRef, *, source: str = "api") -> int:
+        """Map a tenant to a customer; returns how many unmapped buckets joined its buckets."""
+        return await self.run(lambda conn: self.rules.map_tenant(conn, tenant, ref, source))
+
     # ---- sending (protocol.SendingStore) --------------------------------------------------------
 
     async def prepare_flush(self, *, now: float) -> tuple[int, dict[str, int]]:
         """Seal due hours, freeze sealed buckets, close expired windows: one transaction."""
-        s = self.settings
 
         def run(conn: sqlite3.Connection) -> tuple[int, dict[str, int]]:
-            self.rules._seal(conn)
+            self.rules.seal(conn)
             frozen = self.rules.freeze(conn, now=now)
-            closed = records.close_windows(conn, now=now, window_s=s.window_s, margin_s=s.window_margin_s,
-                                           policy=s.expired_policy, watermark=self.rules.watermark(now),
-                                           apply_deltas=self.rules.apply_deltas)
-            return frozen, closed
+            return frozen, records.close_windows(conn, self.rules, now=now)
 
         return await self.run(run)
 
-    async def claim(self, *, now: float, limit: int) -> list[records.DueRecord]:
-        """The oldest due records of one scheme and product, marked in flight."""
-        return await self.run(functools.partial(records.claim, now=now, limit=limit))
+    async def claim(self, *, now: float, limit: int, owner: str = LOCAL_OWNER) -> list[records.DueRecord]:
+        """The oldest due records of one scheme and product, marked in flight for `owner`."""
+        return await self.run(functools.partial(records.claim, now=now, limit=limit, owner=owner))
 
     async def peek_due(self, *, now: float, limit: int) -> list[records.DueRecord]:
         """Due records without claiming them (dry run)."""
@@ -376,13 +367,8 @@ class Store:
 
     async def close_records(self, ids: Sequence[int], *, now: float, reason: str) -> list[str]:
         """The window rule for records AWS refused for their timestamp (carry, expire or unknown)."""
-        policy = self.settings.expired_policy
-
-        def run(conn: sqlite3.Connection) -> list[str]:
-            return [records.close_window(conn, rid, policy=policy, now=now, watermark=self.rules.watermark(now),
-                                         apply_deltas=self.rules.apply_deltas, reason=reason) for rid in ids]
-
-        return await self.run(run)
+        return await self.run(lambda conn: [records.close_window(conn, self.rules, rid, now=now, reason=reason)
+                                            for rid in ids])
 
     async def due_now(self, *, held_until: float, now: float) -> int:
         """Records waiting until `held_until` or earlier become due now."""
@@ -392,16 +378,22 @@ class Store:
         """How many records are pending, and the earliest time one is due again."""
         return await self.run(records.pending_summary)
 
+    # ---- the hour lifecycle and housekeeping -----------------------------------------------------
+
     async def seal_due(self) -> int:
         """Seal every open bucket whose hour ended more than the grace period ago."""
-        return await self.run(self.rules._seal)
+        return await self.run(self.rules.seal)
 
+    async def seal_through(self, before: int, *, final: bool = False) -> int:
+        """Seal every open bucket of hours starting before `before` (used at shutdown); `final` also
+        settles remainders by `settle_remainders` and reports the usage left behind."""
+        return await self.run(lambda conn: self.rules.seal(conn, through=before, final=final))
 
     async def prune(self, *, batch: int = 1000, max_batches: int = 20) -> int:
         """Prune old event rows in small transactions, off the hot path; returns rows deleted."""
         total = 0
         for _ in range(max_batches):
-            n = await self.run(lambda conn: self.rules._prune(conn, limit=batch))
+            n = await self.run(lambda conn: self.rules.prune(conn, limit=batch))
             total += n
             if n < batch:
                 break
@@ -409,79 +401,53 @@ class Store:
             log.info("events_pruned", rows=total)
         return total
 
-    async def seal_through(self, before: int, *, final: bool = False) -> int:
-        """Seal every open bucket of hours starting before `before` (used at shutdown); `final` also
-        settles remainders by `settle_remainders` and reports the usage left behind."""
-        return await self.run(lambda conn: self.rules._seal(conn, through=before, final=final))
+    # ---- operator decisions ---------------------------------------------------------------------
 
-
-
-    def seal_due_sync(self) -> int:
-        """Blocking form of `seal_due`."""
-        return self.call(self.rules._seal)
-
-    async def map_tenant(self, tenant: str, ref: CustomerRef, *, source: str = "api") -> int:
-        """Map a tenant to a customer; returns how many unmapped buckets joined its buckets."""
-        return await self.run(lambda conn: self.rules._map_tenant(conn, tenant, ref, source))
-
-    def check_rename(self, rename: Mapping[str, str]) -> None:
+    async def check_rename(self, rename: Mapping[str, str]) -> None:
         """Raise ValueError unless every OLD=NEW names a configured NEW that measures what OLD did."""
         for old, new in rename.items():
-            dim = self.rules._dims.get(new)
+            dim = self.rules.dimension(new)
             if dim is None:
                 raise ValueError(f"--dimension: {new!r} is not a configured dimension "
-                                 f"(configured: {', '.join(self.rules._dims)})")
-            known = self.call(functools.partial(_dimension_source, name=old))
+                                 f"(configured: {', '.join(d.name for d in self.settings.dimensions)})")
+            known = await self.run(functools.partial(_dimension_source, name=old))
             if known is not None and known != dim.source:
                 raise ValueError(f"--dimension: {old!r} measured {known}, {new!r} measures "
                                  f"{dim.source}; usage cannot change what it measures")
 
-    def _replay(self, conn: sqlite3.Connection, *, states: Sequence[str], customer: str | None,
-                rename: Mapping[str, str]) -> dict[str, int]:
-        now = self.clock.now()
-        return records.replay(conn, states=states, now=now, window_s=self.settings.window_s,
-                              margin_s=self.settings.window_margin_s, customer=customer_clause(customer),
-                              watermark=self.rules.watermark(now), apply_deltas=self.rules.apply_deltas,
-                              guard=self.rules.guard,
-                              product_code=self.settings.product_code, rename=rename)
-
     async def replay(self, *, states: Sequence[str], customer: str | None = None,
                      rename: Mapping[str, str] | None = None) -> dict[str, int]:
         """Re-drive rejected, conflict or expired records (see records.replay); returns counts."""
-        self.check_rename(rename or {})
-        return await self.run(functools.partial(self._replay, states=states, customer=customer, rename=rename or {}))
+        await self.check_rename(rename or {})
+        return await self.run(lambda conn: records.replay(
+            conn, self.rules, states=states, now=self.clock.now(), customer=customer_clause(customer),
+            rename=rename or {}))
 
-    def replay_sync(self, *, states: Sequence[str], customer: str | None = None,
-                    rename: Mapping[str, str] | None = None) -> dict[str, int]:
-        """Blocking form of `replay`, for the CLI."""
-        self.check_rename(rename or {})
-        return self.call(functools.partial(self._replay, states=states, customer=customer, rename=rename or {}))
-
-    def release_held_sync(self, *, customer: str | None = None, dimension: str | None = None,
-                          record_id: int | None = None, discard: bool = False) -> int:
+    async def release_held(self, *, customer: str | None = None, dimension: str | None = None,
+                           record_id: int | None = None, discard: bool = False) -> int:
         """Send (or discard) records a guardrail held; returns how many."""
-        return self.call(lambda conn: records.release_held(
+        return await self.run(lambda conn: records.release_held(
             conn, customer=customer_clause(customer), dimension=dimension, record_id=record_id, discard=discard,
             now=self.clock.now()))
 
-    def discard_unmapped_sync(self, *, customer: str) -> int:
+    async def discard_unmapped(self, *, customer: str) -> int:
         """Give up the unmapped usage of the tenant(s) `customer` names; returns buckets discarded."""
         clause = customer_clause(customer)
         assert clause is not None
-        return self.call(lambda conn: records.discard_unmapped(conn, customer=clause, now=self.clock.now()))
+        return await self.run(lambda conn: records.discard_unmapped(conn, customer=clause, now=self.clock.now()))
 
-    def release_parked_sync(self, *, rename: Mapping[str, str], customer: str | None = None) -> int:
+    async def release_parked(self, *, rename: Mapping[str, str], customer: str | None = None) -> int:
         """Move parked (`unconfigured`) usage into configured dimensions (OLD=NEW); returns rows moved."""
-        self.check_rename(rename)
+        await self.check_rename(rename)
 
         def run(conn: sqlite3.Connection) -> int:
             now = self.clock.now()
-            return sum(records.release_parked(conn, dimension=old, into=self.rules._dims[new],
-                                              customer=customer_clause(customer), now=now,
-                                              watermark=self.rules.watermark(now), apply_deltas=self.rules.apply_deltas)
-                       for old, new in rename.items())
+            into = {old: self.rules.dimension(new) for old, new in rename.items()}
+            return sum(records.release_parked(conn, self.rules, dimension=old, into=dim,
+                                              customer=customer_clause(customer), now=now)
+                       for old, dim in into.items() if dim is not None)
 
-        return self.call(run)
+        return await self.run(run)
 
     def close(self) -> None:
         """Finish queued work, then close the write connection."""
@@ -495,21 +461,9 @@ class Store:
             self._lock_file.close()  # releases the flock
 
 
-
-
-
-
 def customer_clause(text: str | None) -> tuple[str, list[Any]] | None:
     """The exact-match SQL condition on `customer` for an operator's --customer value (None: any)."""
     return None if text is None else queries.customer_clause(text, "customer")
-
-
-
-
-
-
-
-
 
 
 def _own(path: Path) -> IO[bytes]:
