@@ -25,11 +25,13 @@ from sidecar.config import DIMENSION_NAME, Settings, load_settings, validate_for
 from sidecar.errors import BadArgument, ConfigError, DatabaseCorrupt, StoreLocked
 from sidecar.events import NDJSON_TYPES, check_items, parse_body
 from sidecar.flush import Flusher, MeteringApi
-from sidecar.model import REPLAYABLE, Scheme
+from sidecar.model import REPLAYABLE, BucketState, ParkedState, RecordState, Scheme
 from sidecar.store import MeteringStore, UsageFilter, migrate_store, open_store, open_view
 from sidecar.when import WHEN_RULE, parse_when
 
 T = TypeVar("T")
+# What `sidecar release --state` acts on: held records, parked usage, a tenant's unmapped usage.
+RELEASABLE = (RecordState.HELD, ParkedState.UNCONFIGURED, BucketState.UNMAPPED)
 
 
 def _settings(args: argparse.Namespace, env: Mapping[str, str], **kw: Any) -> Settings:
@@ -147,11 +149,11 @@ def cmd_release(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     logs.configure(level=settings.log_level, fmt=settings.log_format)
     pairs: list[str] = args.dimension or []
     rename: dict[str, str] = {}
-    if args.state == "unmapped":
+    if args.state == BucketState.UNMAPPED:
         if not args.discard or not args.customer or not args.customer.startswith(Scheme.TENANT):
             raise BadArgument("--state unmapped: give --customer tenant:NAME and --discard (map the tenant instead"
                               " with PUT /v1/customers/NAME to bill it)")
-    elif args.state == "unconfigured":
+    elif args.state == ParkedState.UNCONFIGURED:
         if not pairs or any("=" not in p for p in pairs):
             raise BadArgument("--dimension: with --state unconfigured give OLD=NEW (repeatable): the parked "
                               "dimension and the configured one to bill it as")
@@ -165,9 +167,9 @@ def cmd_release(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         raise BadArgument("--dimension: with --state held give one dimension NAME to filter on")
     store = open_store(settings, clock=SystemClock(), owner=False)
     try:
-        if args.state == "unmapped":
+        if args.state == BucketState.UNMAPPED:
             out = {"discarded": _await(store.discard_unmapped(customer=args.customer))}
-        elif args.state == "held":
+        elif args.state == RecordState.HELD:
             n = _await(store.release_held(customer=args.customer, dimension=pairs[0] if pairs else None,
                                                record_id=args.record, discard=args.discard))
             out = {"discarded" if args.discard else "released": n}
@@ -382,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dimension", action="append", type=rename_pair, metavar="OLD=NEW",
                    help="rebuild or carry records of dimension OLD as the configured NEW (repeatable)")
     p = add("release", cmd_release, "Send (or discard) records a guardrail held, or bill parked usage.")
-    p.add_argument("--state", required=True, choices=("held", "unconfigured", "unmapped"),
+    p.add_argument("--state", required=True, choices=RELEASABLE,
                    help="held: records over a guardrail; unconfigured: usage parked for want of a dimension;"
                         " unmapped: a tenant's usage nobody should pay for (with --discard)")
     p.add_argument("--customer", type=customer_filter,

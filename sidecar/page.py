@@ -7,19 +7,21 @@ from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
+from sidecar.model import BucketState, RecordState
+
 STATE_COLOURS: dict[str, str] = {
-    "open": "#60a5fa",
-    "unmapped": "#22d3ee",
-    "sealed": "#94a3b8",
-    "pending": "#f59e0b",
-    "sent": "#16a34a",
-    "rejected": "#dc2626",
-    "conflict": "#db2777",
-    "expired": "#78716c",
-    "unknown": "#7c3aed",
-    "carried": "#a16207",
-    "held": "#c026d3",
-    "discarded": "#44403c",
+    BucketState.OPEN: "#60a5fa",
+    BucketState.UNMAPPED: "#22d3ee",
+    BucketState.SEALED: "#94a3b8",
+    RecordState.PENDING: "#f59e0b",
+    RecordState.SENT: "#16a34a",
+    RecordState.REJECTED: "#dc2626",
+    RecordState.CONFLICT: "#db2777",
+    RecordState.EXPIRED: "#78716c",
+    RecordState.UNKNOWN: "#7c3aed",
+    RecordState.CARRIED: "#a16207",
+    RecordState.HELD: "#c026d3",
+    RecordState.DISCARDED: "#44403c",
 }
 OTHER_COLOUR = "#9ca3af"  # a state this page does not know yet still gets drawn
 PENDING_ALARM_S = 4 * 3600  # the README's suggested page: oldest pending older than 4 h

@@ -4,7 +4,8 @@ the single-file SQLite store exists today."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,9 @@ import pytest
 from helpers import T0, event
 
 from sidecar.clock import HOUR_S, ManualClock, hour_start
-from sidecar.config import CustomerRef, Settings
+from sidecar.config import DEFAULT_DIMENSIONS, CustomerRef, Dimension, Settings
 from sidecar.events import validate_event
-from sidecar.store import Store, UsageFilter
+from sidecar.store import MeteringStore, UsageFilter, open_store
 from sidecar.store.protocol import SendingStore
 from sidecar.store.records import DueRecord, Settlement
 
@@ -22,24 +23,41 @@ H10 = hour_start(T0)
 H09 = H10 - HOUR_S
 SEALED = H10 + 400  # 09:00 is past its grace
 
-def sqlite_store(settings: Settings, clock: ManualClock) -> Store:
+def sqlite_store(settings: Settings, clock: ManualClock) -> MeteringStore:
     """The single-file backend."""
-    return Store.open(settings.db_path, settings=settings, clock=clock)
+    return open_store(settings, clock=clock)
 
 
 BACKENDS = {"sqlite": sqlite_store}
 
 
+class Opened:
+    """A store of one backend on a manual clock; `reopen` restarts it on the same data under new
+    settings (a new release of the configuration). Unpacks as (store, clock)."""
+
+    def __init__(self, kind: str, settings: Settings, clock: ManualClock) -> None:
+        self.kind, self.settings, self.clock = kind, settings, clock
+        self.store = BACKENDS[kind](settings, clock)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.store, self.clock))
+
+    def reopen(self, **changes: Any) -> MeteringStore:
+        self.store.close()
+        self.settings = replace(self.settings, **changes)
+        self.store = BACKENDS[self.kind](self.settings, self.clock)
+        return self.store
+
+
 @pytest.fixture(params=sorted(BACKENDS))
-async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Any, ManualClock]]:
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opened]:
     """A fresh store of each backend on a manual clock at 10:02 (09:00 still within its grace)."""
-    clock = ManualClock(T0)
-    settings = Settings(db_path=tmp_path / "c.db", birth_hour="report", product_code="prod-c")
-    store = BACKENDS[request.param](settings, clock)
+    opened = Opened(request.param, Settings(db_path=tmp_path / "c.db", birth_hour="report", product_code="prod-c"),
+                    ManualClock(T0))
     try:
-        yield store, clock
+        yield opened
     finally:
-        store.close()
+        opened.store.close()
 
 
 async def ingest(store: Any, clock: ManualClock, *objs: dict[str, Any]) -> tuple[int, int]:
@@ -53,14 +71,14 @@ def rows(store: Any, **filters: Any) -> list[dict[str, Any]]:
     return list(store.view.usage(UsageFilter(**filters))["rows"])
 
 
-async def test_the_sqlite_store_is_a_sending_store(backend: tuple[Any, ManualClock]) -> None:
+async def test_the_sqlite_store_is_a_sending_store(backend: Opened) -> None:
     """Every backend implements the flusher's protocol."""
     store, _ = backend
     sending: SendingStore = store
     assert sending is store
 
 
-async def test_ingest_dedups_by_event_id(backend: tuple[Any, ManualClock]) -> None:
+async def test_ingest_dedups_by_event_id(backend: Opened) -> None:
     """The same event three times counts once; its usage lands in its hour's bucket."""
     store, clock = backend
     assert await ingest(store, clock, event(1, when=H10 + 30)) == (1, 0)
@@ -69,7 +87,7 @@ async def test_ingest_dedups_by_event_id(backend: tuple[Any, ManualClock]) -> No
     assert got == {("inference-requests", 1), ("tokens-processed", 15)}
 
 
-async def test_sealing_freezing_and_late_usage(backend: tuple[Any, ManualClock]) -> None:
+async def test_sealing_freezing_and_late_usage(backend: Opened) -> None:
     """A pass seals 09:00 and freezes one record per bucket; a late 09:00 event goes to the open hour."""
     store, clock = backend
     await ingest(store, clock, event(1, when=H09 + 60, prompt=1500, completion=0))
@@ -84,7 +102,7 @@ async def test_sealing_freezing_and_late_usage(backend: tuple[Any, ManualClock])
     assert (sealed["tokens-processed"]["quantity"], sealed["tokens-processed"]["remainder"]) == (1, 500)
 
 
-async def test_tenant_mapping_moves_unmapped_usage(backend: tuple[Any, ManualClock]) -> None:
+async def test_tenant_mapping_moves_unmapped_usage(backend: Opened) -> None:
     """Unmapped usage joins the customer's buckets when the tenant is mapped."""
     store, clock = backend
     await ingest(store, clock, event(1, when=H10 + 30, customer={"tenant": "acme"}))
@@ -103,7 +121,7 @@ async def claimed(store: Any, clock: ManualClock) -> list[DueRecord]:
 
 @pytest.mark.parametrize(("outcome", "state"), [("sent", "sent"), ("conflict", "conflict"),
                                                 ("rejected", "rejected"), ("retry", "pending")])
-async def test_settling_every_outcome(backend: tuple[Any, ManualClock], outcome: str, state: str) -> None:
+async def test_settling_every_outcome(backend: Opened, outcome: str, state: str) -> None:
     """Claimed records are in flight (claimed once); an answer settles them into their state."""
     store, clock = backend
     batch = await claimed(store, clock)
@@ -116,7 +134,7 @@ async def test_settling_every_outcome(backend: tuple[Any, ManualClock], outcome:
     assert pending == (2 if outcome == "retry" else 0)
 
 
-async def test_payload_is_frozen_and_resent_identically(backend: tuple[Any, ManualClock]) -> None:
+async def test_payload_is_frozen_and_resent_identically(backend: Opened) -> None:
     """A record retried is claimed again with the very same payload."""
     store, clock = backend
     first = {r.id: dict(r.payload) for r in await claimed(store, clock)}
@@ -126,7 +144,7 @@ async def test_payload_is_frozen_and_resent_identically(backend: tuple[Any, Manu
     assert again == {rid: (payload, True) for rid, payload in first.items()}
 
 
-async def test_window_closing_carries_or_marks_unknown(backend: tuple[Any, ManualClock]) -> None:
+async def test_window_closing_carries_or_marks_unknown(backend: Opened) -> None:
     """Past the window a never-received record is carried; a maybe-received one ends unknown."""
     store, clock = backend
     batch = await claimed(store, clock)
@@ -137,7 +155,7 @@ async def test_window_closing_carries_or_marks_unknown(backend: tuple[Any, Manua
     assert closed == {"unknown": 1, "carried": 1}
 
 
-async def test_timestamp_refusals_close_records(backend: tuple[Any, ManualClock]) -> None:
+async def test_timestamp_refusals_close_records(backend: Opened) -> None:
     """close_records applies the window rule to records AWS refused for their timestamp."""
     store, clock = backend
     batch = await claimed(store, clock)
@@ -145,7 +163,7 @@ async def test_timestamp_refusals_close_records(backend: tuple[Any, ManualClock]
         "carried", "carried"]
 
 
-async def test_replay_carries_a_conflict(backend: tuple[Any, ManualClock]) -> None:
+async def test_replay_carries_a_conflict(backend: Opened) -> None:
     """replay --state conflict carries the usage into the open hour."""
     store, clock = backend
     batch = await claimed(store, clock)
@@ -155,7 +173,7 @@ async def test_replay_carries_a_conflict(backend: tuple[Any, ManualClock]) -> No
     assert out == {"resent": 0, "rebuilt": 0, "carried": 2, "unknown": 0}
 
 
-async def test_due_now_and_peek(backend: tuple[Any, ManualClock]) -> None:
+async def test_due_now_and_peek(backend: Opened) -> None:
     """Records held for a later retry become due at once with due_now; peek_due claims nothing."""
     store, clock = backend
     batch = await claimed(store, clock)
@@ -168,7 +186,7 @@ async def test_due_now_and_peek(backend: tuple[Any, ManualClock]) -> None:
     assert len(await store.claim(now=clock.now(), limit=25)) == 2
 
 
-async def test_health_and_left_behind(backend: tuple[Any, ManualClock]) -> None:
+async def test_health_and_left_behind(backend: Opened) -> None:
     """The read view reports what is owed and what a stopping store leaves behind."""
     store, clock = backend
     await ingest(store, clock, event(1, when=H10 + 30, customer={"tenant": "acme"}))
@@ -176,3 +194,117 @@ async def test_health_and_left_behind(backend: tuple[Any, ManualClock]) -> None:
     health = store.view.health(clock.now())
     assert health["unmapped"]["tenants"] == ["acme"]
     assert store.view.left_behind(clock.now())["unmapped"]["events"] == 1
+
+
+TOKENS_V2 = Dimension(name="tokens-v2", source="total_tokens", unit=1000)
+RENAMED = (DEFAULT_DIMENSIONS[0], TOKENS_V2)  # a release renamed tokens-processed to tokens-v2
+
+
+def parked(store: Any) -> list[dict[str, Any]]:
+    return list(store.view.usage(UsageFilter())["parked"])
+
+
+async def test_a_record_over_its_ceiling_is_held_then_released(backend: Opened) -> None:
+    """A guardrail holds a record at freezing; release sends it, discard ends it."""
+    capped = Dimension(name="tokens-processed", source="total_tokens", unit=1000, max_quantity=5)
+    store = backend.reopen(dimensions=(DEFAULT_DIMENSIONS[0], capped))
+    clock = backend.clock
+    await ingest(store, clock, event(1, when=H09 + 60, prompt=9000, completion=0),
+                 event(2, when=H09 + 60, customer={"customer_identifier": "cust-b"}, prompt=9000, completion=0))
+    clock.set(SEALED)
+    await store.prepare_flush(now=clock.now())
+    held = [r for r in rows(store, dimension="tokens-processed")]
+    assert {(r["state"], r["quantity"]) for r in held} == {("held", 9)}
+    assert store.view.health(clock.now())["held_records"] == 2
+    assert {r.payload["Dimension"] for r in await store.claim(now=clock.now(), limit=25)} == {"inference-requests"}
+    assert await store.release_held(customer="cust-a") == 1
+    assert await store.release_held(customer="cust-b", discard=True) == 1
+    assert [r.payload["Quantity"] for r in await store.claim(now=clock.now(), limit=25)] == [9]
+    assert {r["customer"]: r["state"] for r in rows(store, dimension="tokens-processed")} == {
+        "identifier:cust-a": "pending", "identifier:cust-b": "discarded"}
+
+
+async def test_usage_of_a_dropped_dimension_is_parked_then_released(backend: Opened) -> None:
+    """Open usage of a dimension a release dropped is parked at sealing, never sent, and released
+    by an operator into a configured dimension of the same source, with that dimension's unit."""
+    store, clock = backend
+    await ingest(store, clock, event(1, when=H09 + 60, prompt=1500, completion=0))
+    store = backend.reopen(dimensions=RENAMED)
+    clock.set(SEALED)
+    await store.prepare_flush(now=clock.now())
+    assert [(p["dimension"], p["raw"]) for p in parked(store)] == [("tokens-processed", 1500)]
+    assert store.view.health(clock.now())["unconfigured"]["raw_by_dimension"] == {"tokens-processed": 1500}
+    assert {r.payload["Dimension"] for r in await store.claim(now=clock.now(), limit=25)} == {"inference-requests"}
+    with pytest.raises(ValueError, match="measures"):
+        await store.release_parked(rename={"tokens-processed": "inference-requests"})
+    assert await store.release_parked(rename={"tokens-processed": "tokens-v2"}) == 1
+    assert parked(store) == []
+    moved = rows(store, dimension="tokens-v2")
+    assert [(r["hour"], r["carried_in"], r["state"]) for r in moved] == [(H10, 1500, "open")]
+
+
+async def test_a_certainly_refused_record_is_rebuilt_under_the_new_configuration(backend: Opened) -> None:
+    """A record AWS refused for an invalid dimension is rebuilt in place (renamed) while its window
+    is open; the record AWS accepted is left alone."""
+    store, clock = backend
+    batch = await claimed(store, clock)
+    by_dim = {r.payload["Dimension"]: r for r in batch}
+    await store.settle([
+        Settlement(record=by_dim["inference-requests"].id, outcome="sent", status="Success"),
+        Settlement(record=by_dim["tokens-processed"].id, outcome="rejected", status="InvalidUsageDimensionException",
+                   error="no such dimension")], now=clock.now())
+    store = backend.reopen(dimensions=RENAMED)
+    out = await store.replay(states=["rejected"], rename={"tokens-processed": "tokens-v2"})
+    assert out == {"resent": 0, "rebuilt": 1, "carried": 0, "unknown": 0}
+    again = await store.claim(now=clock.now(), limit=25)
+    assert [(r.id, r.payload["Dimension"], r.payload["Quantity"]) for r in again] == [
+        (by_dim["tokens-processed"].id, "tokens-v2", 0)]
+
+
+async def test_unmapped_usage_can_be_discarded(backend: Opened) -> None:
+    """An operator gives up a tenant's unmapped usage; it is kept, marked discarded, never sent."""
+    store, clock = backend
+    await ingest(store, clock, event(1, when=H10 + 30, customer={"tenant": "acme"}))
+    assert await store.discard_unmapped(customer="tenant:acme") == 2
+    assert {r["state"] for r in rows(store)} == {"discarded"}
+    assert store.view.health(clock.now())["unmapped"] is None
+
+
+async def test_mappings_survive_a_restart(backend: Opened) -> None:
+    """A tenant mapped once is billed to its customer after a restart, with no mapping call."""
+    store, clock = backend
+    await store.map_tenant("acme", CustomerRef(customer_identifier="acme-aws"))
+    store = backend.reopen()
+    await ingest(store, clock, event(1, when=H10 + 30, customer={"tenant": "acme"}))
+    assert {(r["customer"], r["state"]) for r in rows(store)} == {("identifier:acme-aws", "open")}
+
+
+async def test_a_final_seal_seals_the_open_hour_and_settles_remainders(backend: Opened) -> None:
+    """seal_through(final) closes the open hour (shutdown) and settles what is below a unit."""
+    store, clock = backend
+    await ingest(store, clock, event(1, when=H10 + 30, prompt=1600, completion=0))
+    assert store.view.open_buckets() == 2
+    assert await store.seal_through(H10 + HOUR_S, final=True) == 2
+    assert store.view.open_buckets() == 0
+    sealed = {r["dimension"]: (r["quantity"], r["remainder"]) for r in rows(store)}
+    assert sealed == {"inference-requests": (1, 0), "tokens-processed": (2, 0)}  # 1,600 rounds half up
+    figures = store.view.figures(clock.now())
+    assert figures is not None
+    assert [(s["dimension"], s["rounded_up"], s["given_up"]) for s in figures["settlements"]] == [
+        ("tokens-processed", 400, 0)]
+
+
+async def test_prune_forgets_only_old_events(backend: Opened) -> None:
+    """Event rows past retention go; younger ones (dedup, open hours) stay."""
+    store, clock = backend
+    await ingest(store, clock, event(1, when=H10 + 30))
+    assert await store.prune() == 0
+    clock.set(T0 + backend.settings.retention_s + 2 * HOUR_S + backend.settings.max_event_age_s)
+    await store.prepare_flush(now=clock.now())
+    assert await store.prune() == 1
+
+
+def test_every_backend_has_the_whole_protocol(backend: Opened) -> None:
+    """Each backend's store has every method of MeteringStore (mypy checks the signatures)."""
+    wanted = {n for n in dir(MeteringStore) if not n.startswith("_")}
+    assert wanted <= set(dir(backend.store))
