@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sidecar.errors import ConfigError
-from sidecar.model import GPU_SOURCE, SOURCES, CustomerRef, valid_tenant
+from sidecar.model import CONTROL_CHARS, GPU_SOURCE, SOURCES, CustomerRef, valid_tenant
 
 # All patterns match whole ASCII strings (\Z, not $, so no trailing newline slips through).
 DIMENSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}\Z", re.ASCII)
@@ -137,6 +137,16 @@ class Settings:
     log_format: Literal["auto", "json", "console"] = "auto"
     dimensions: tuple[Dimension, ...] = DEFAULT_DIMENSIONS
     customers: Mapping[str, CustomerRef] = field(default_factory=dict)
+    fleet_url: str | None = None  # fleet mode: the libpq URL of the fleet's PostgreSQL
+    member_id: str | None = None  # fleet mode: this member's id (default: the ECS task ARN, else host + suffix)
+    ship_interval_s: float = 1.0
+    lease_s: float = 15.0
+    ack: Literal["local", "fleet"] = "local"
+
+    @property
+    def fleet(self) -> bool:
+        """Whether this sidecar is a member of a fleet (SIDECAR_FLEET_URL set)."""
+        return self.fleet_url is not None
 
     def dimension(self, name: str) -> Dimension | None:
         """The configured dimension called `name`, if any."""
@@ -177,6 +187,11 @@ ENV_SETTINGS: Mapping[str, str] = {
     "SIDECAR_DRY_RUN": "dry_run",
     "SIDECAR_LOG_LEVEL": "log_level",
     "SIDECAR_LOG_FORMAT": "log_format",
+    "SIDECAR_FLEET_URL": "fleet_url",
+    "SIDECAR_MEMBER_ID": "member_id",
+    "SIDECAR_SHIP_INTERVAL_S": "ship_interval_s",
+    "SIDECAR_LEASE_S": "lease_s",
+    "SIDECAR_ACK": "ack",
 }
 
 # The type of each numeric or boolean setting.
@@ -199,6 +214,8 @@ _KINDS: Mapping[str, type] = {
     "spike_factor": float,
     "gpus": int,
     "dry_run": bool,
+    "ship_interval_s": float,
+    "lease_s": float,
 }
 
 _CHOICES: Mapping[str, tuple[str, ...]] = {
@@ -208,11 +225,12 @@ _CHOICES: Mapping[str, tuple[str, ...]] = {
     "log_level": ("debug", "info", "warning", "error"),
     "settle_remainders": ("half_up", "up", "down", "keep"),
     "birth_hour": ("defer", "report"),
+    "ack": ("local", "fleet"),
 }
 
 _POSITIVE = ("max_body_bytes", "max_queued_events", "max_event_age_s", "retention_s", "flush_interval_s",
              "calls_per_s", "window_s", "connect_timeout_s", "read_timeout_s", "max_backoff_s",
-             "shutdown_deadline_s", "heartbeat_hours", "gpus")
+             "shutdown_deadline_s", "heartbeat_hours", "gpus", "ship_interval_s", "lease_s")
 _NON_NEGATIVE = ("hour_grace_s", "window_margin_s", "spike_factor")
 
 
@@ -284,6 +302,13 @@ def _convert(key: str, where: str, value: Any) -> dict[str, Any]:
         return {"token": token or None}
     if key == "product_code":
         return {"product_code": str(value) or None}
+    if key in ("fleet_url", "member_id"):
+        text = str(value).strip()
+        if key == "member_id" and text and (len(text) > 256 or CONTROL_CHARS.search(text)):
+            raise ConfigError(f"{where}: must be 1-256 characters without control characters")
+        if key == "fleet_url" and text and not text.startswith(("postgresql://", "postgres://")) and "=" not in text:
+            raise ConfigError(f"{where}: must be a libpq URL (postgresql://user@host/db) or key=value string")
+        return {key: text or None}
     if key == "customers_json":
         text = str(value).strip()
         if not text:
@@ -437,8 +462,22 @@ def _parse_customers(value: Any, *, where: str) -> dict[str, CustomerRef]:
 
 def validate_for_serving(settings: Settings) -> None:
     """Checks that only matter for a listening daemon (e.g. a token off loopback)."""
+    if settings.fleet:
+        validate_for_fleet(settings)
     if not is_loopback(settings.listen_host) and not settings.token:
         raise ConfigError(
             f"SIDECAR_LISTEN: {settings.listen_host} is not a loopback address; "
             "set SIDECAR_TOKEN to listen on it"
         )
+
+
+def validate_for_fleet(settings: Settings) -> None:
+    """What fleet mode does not do (yet): GPU time measured per task cannot be merged across members."""
+    per_task = [d.name for d in settings.dimensions if d.gpu_mode in ("fair_share", "dedicated")]
+    if per_task:
+        raise ConfigError(
+            f"SIDECAR_FLEET_URL: dimension(s) {', '.join(per_task)} measure GPU time per task (mode fair_share"
+            " or dedicated), which fleet mode cannot merge across members yet; use mode = \"engine_time\" or"
+            " run without SIDECAR_FLEET_URL")
+    if settings.lease_s < 3:
+        raise ConfigError("SIDECAR_LEASE_S: must be at least 3 seconds in fleet mode")

@@ -54,3 +54,7 @@ class DatabaseCorrupt(SidecarError):
 
 class BadArgument(SidecarError):
     """Raised when a command-line option has a bad value; the message names the option."""
+
+
+class LeaseLost(SidecarError):
+    """Raised inside a fleet leader's transaction when it no longer holds the sender lease at its epoch."""

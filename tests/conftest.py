@@ -47,3 +47,21 @@ async def client(settings: Settings, clock: ManualClock) -> AsyncIterator[TestCl
         yield c
 
 
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A real PostgreSQL server for the whole session (see tests/pgkit.py)."""
+    import pgkit
+
+    with pgkit.server() as url:
+        yield url
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    """A fresh database of its own for one test."""
+    import pgkit
+
+    with pgkit.database(pg_server) as url:
+        yield url

@@ -22,7 +22,7 @@ from sidecar.clock import HOUR_S, Clock, hour_start
 from sidecar.config import MAX_QUANTITY, Dimension, Settings
 from sidecar.events import UsageEvent
 from sidecar.model import BucketState, CustomerRef, is_tenant_key, tenant_key
-from sidecar.store import records
+from sidecar.store import outbox, records
 from sidecar.usage import (
     BucketKey,
     Delta,
@@ -139,6 +139,7 @@ class Buckets:
             "SELECT event_id FROM events WHERE event_id IN (SELECT value FROM json_each(?))",
             (json.dumps(list({e.event_id for b in batches for e in b})),))}
         deltas: dict[BucketKey, Delta] = {}
+        shipping: dict[BucketKey, Delta] | None = {} if self.settings.fleet else None  # fleet mode's outbox
         now_s = int(now)
         new_customers: dict[str, CustomerRef | str] = {}
         rows = []
@@ -164,6 +165,9 @@ class Buckets:
                 rows.append((ev.event_id, int(ev.time), now_s, customer, ev.tenant, hour, ev.model,
                              ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens, ev.gpu_micros, ev.finish))
                 add_event(deltas, ev, customer=customer, hour=hour, late=late, dimensions=self.settings.dimensions)
+                if shipping is not None:  # the fleet decides what is late: ship the event's own hour
+                    add_event(shipping, ev, customer=customer, hour=hour_start(ev.time), late=False,
+                              dimensions=self.settings.dimensions)
                 if self._gpu_dims:
                     span = engine_interval(ev)
                     if span is not None:
@@ -177,6 +181,8 @@ class Buckets:
         )
         self._ensure_customers(conn, new_customers)
         self.apply_deltas(conn, deltas)
+        if shipping:
+            outbox.add(conn, shipping, now=now)
         if intervals:
             self._record_intervals(conn, intervals, now=now, watermark=watermark)
         # Only once every write of this request succeeded: a request rolled back to its savepoint

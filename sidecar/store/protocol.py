@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from sidecar.events import UsageEvent
 from sidecar.model import CustomerRef
 from sidecar.store.buckets import IngestResult
+from sidecar.store.outbox import ShippedDelta
 from sidecar.store.queries import UsageFilter
 from sidecar.store.records import DueRecord, Settlement
 
@@ -128,6 +129,23 @@ class MeteringStore(SendingStore, Protocol):
 
     async def release_parked(self, *, rename: Mapping[str, str], customer: str | None = None) -> int:
         """Move parked (`unconfigured`) usage into configured dimensions (OLD=NEW); returns rows moved."""
+        ...
+
+    @property
+    def origin(self) -> str:
+        """This store's id among a fleet's shipments."""
+        ...
+
+    async def outbox_batch(self, *, limit: int = 5000) -> list[ShippedDelta]:
+        """Fleet mode: the oldest usage deltas not yet shipped, in order."""
+        ...
+
+    async def mark_shipped(self, seqs: Sequence[int], *, now: float) -> None:
+        """Fleet mode: deltas the fleet's PostgreSQL committed."""
+        ...
+
+    async def outbox_backlog(self) -> tuple[int, float | None]:
+        """Fleet mode: unshipped deltas and when the oldest was committed."""
         ...
 
     def close(self) -> None:

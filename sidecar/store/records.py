@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -87,7 +87,7 @@ def aws_accepts(timestamp: int, *, now: float, window_s: int) -> bool:
     return timestamp <= now and now < window_closes_at(timestamp, window_s=window_s, margin_s=0)
 
 
-def _payload(r: Mapping[str, Any], *, dimension: str, quantity: int, timestamp: int,
+def build_payload(r: Mapping[str, Any], *, dimension: str, quantity: int, timestamp: int,
              product_code: str | None) -> tuple[dict[str, Any], str | None] | None:
     """The UsageRecord for a customer row, and the call's ProductCode; None when a ProductCode is
     needed (CustomerIdentifier customers) and not configured."""
@@ -152,7 +152,8 @@ def freeze(conn: sqlite3.Connection, *, now: float, product_code: str | None, gu
                          (r["customer"], r["dimension"], r["hour"]))
             continue
         ts = record_timestamp(r["hour"], r["first_event_at"])
-        built = _payload(r, dimension=r["dimension"], quantity=r["quantity"], timestamp=ts, product_code=product_code)
+        built = build_payload(r, dimension=r["dimension"], quantity=r["quantity"], timestamp=ts,
+                              product_code=product_code)
         if built is None:
             log.error("product_code_missing", customer=r["customer"],
                       hint="set SIDECAR_PRODUCT_CODE to send CustomerIdentifier records")
@@ -274,6 +275,12 @@ def _due(conn: sqlite3.Connection, now: float, limit: int) -> list[DueRecord]:
         " ORDER BY timestamp, id LIMIT ?",
         (now, limit * 4),
     ).fetchall()
+    return pick_due(rows, limit)
+
+
+def pick_due(rows: Sequence[Mapping[str, Any]], limit: int) -> list[DueRecord]:
+    """From due rows in send order, the first `limit` of the first row's scheme and product (one
+    call carries one ProductCode)."""
     if not rows:
         return []
     first_scheme = "identifier" if rows[0]["customer_identifier"] is not None else "license"
@@ -444,7 +451,7 @@ def _rebuild(conn: sqlite3.Connection, record_id: int, target: Dimension, *, now
     quantity = min(usage // target.raw_unit, MAX_QUANTITY)
     left = usage - quantity * target.raw_unit
     who = {"aws_account_id": r["c_account"], "license_arn": r["c_license"], "customer_identifier": r["c_identifier"]}
-    built = _payload(who, dimension=target.name, quantity=quantity, timestamp=r["timestamp"],
+    built = build_payload(who, dimension=target.name, quantity=quantity, timestamp=r["timestamp"],
                      product_code=product_code)
     if built is None:
         return None

@@ -28,7 +28,7 @@ from sidecar.config import Settings
 from sidecar.errors import StoreBusy, StoreClosed, StoreLocked
 from sidecar.events import UsageEvent
 from sidecar.model import CustomerRef
-from sidecar.store import queries, records
+from sidecar.store import outbox, queries, records
 from sidecar.store.buckets import Buckets, IngestResult, _dimension_source, _stranded_tenants
 from sidecar.store.db import _unavailable, check_integrity, connect, migrate
 
@@ -107,6 +107,7 @@ class Store:
         self._queued_events = 0  # events handed to the writer and not yet committed or failed
         self._queued_lock = threading.Lock()
         self.on_group: Callable[[int], None] | None = None  # told each group commit's request count
+        self.origin = ""  # this file's id among a fleet's shipments (outbox.origin)
 
     @classmethod
     def open(cls, path: Path, *, settings: Settings, clock: Clock, resume: bool = True) -> Store:
@@ -130,6 +131,7 @@ class Store:
         store._conn.execute("BEGIN IMMEDIATE")
         try:
             store.rules.load(store._conn, owner=resume)
+            store.origin = outbox.origin(store._conn)
             resumed = records.resume_in_flight(store._conn) if resume else 0
             stranded = _stranded_tenants(store._conn) if resume else {}
             store._conn.execute("COMMIT")
@@ -400,6 +402,20 @@ class Store:
         if total:
             log.info("events_pruned", rows=total)
         return total
+
+    # ---- fleet mode: the outbox ------------------------------------------------------------------
+
+    async def outbox_batch(self, *, limit: int = 5000) -> list[outbox.ShippedDelta]:
+        """The oldest unshipped usage deltas, in order."""
+        return await self.run(functools.partial(outbox.batch, limit=limit))
+
+    async def mark_shipped(self, seqs: Sequence[int], *, now: float) -> None:
+        """Deltas the fleet's PostgreSQL committed."""
+        await self.run(functools.partial(outbox.mark_shipped, seqs=seqs, now=now))
+
+    async def outbox_backlog(self) -> tuple[int, float | None]:
+        """Unshipped deltas and when the oldest was committed."""
+        return await self.run(outbox.backlog)
 
     # ---- operator decisions ---------------------------------------------------------------------
 

@@ -1,0 +1,76 @@
+"""Fleet mode's local outbox: usage deltas a member has committed and not yet shipped to PostgreSQL.
+
+`add` runs inside the ingest transaction (the writer thread's), so an acknowledged event's usage is
+in the outbox or already shipped. `batch`, `mark_shipped` and `backlog` run in transactions of their
+own. A delta is identified fleet-wide by the file's origin (a random id made when the file was
+created; a new file after lost storage gets a new one) and its `seq`, which is never reused.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from sidecar.usage import BucketKey, Delta
+
+ORIGIN_KEY = "origin"
+
+
+@dataclass(frozen=True, slots=True)
+class ShippedDelta:
+    """One outbox delta: raw usage of one customer, dimension and event hour (as the member stored it)."""
+
+    seq: int
+    customer: str  # stored key: identifier:…, account:…/…, or tenant:NAME (resolved fleet-wide)
+    dimension: str
+    hour: int  # the event's own UTC hour; the fleet decides whether it is still open
+    unit: int
+    raw: int
+    events: int
+    first_event_at: int
+
+
+def origin(conn: sqlite3.Connection) -> str:
+    """This file's origin id, made once (inside the caller's write transaction)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (ORIGIN_KEY,)).fetchone()
+    if row is not None:
+        return str(row[0])
+    made = uuid.uuid4().hex
+    conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (ORIGIN_KEY, made))
+    return made
+
+
+def add(conn: sqlite3.Connection, deltas: Mapping[BucketKey, Delta], *, now: float) -> None:
+    """Queue deltas for shipping (inside the ingest transaction)."""
+    conn.executemany(
+        "INSERT INTO outbox (customer, dimension, hour, unit, raw, events, first_event_at, created_at)"
+        " VALUES (?,?,?,?,?,?,?,?)",
+        [(c, d, h, dl.unit, dl.raw, dl.events, dl.first_event_at, now) for (c, d, h), dl in deltas.items()])
+
+
+def batch(conn: sqlite3.Connection, *, limit: int) -> list[ShippedDelta]:
+    """The oldest unshipped deltas, in order."""
+    return [ShippedDelta(seq=r[0], customer=r[1], dimension=r[2], hour=r[3], unit=r[4], raw=r[5], events=r[6],
+                         first_event_at=r[7])
+            for r in conn.execute(
+                "SELECT seq, customer, dimension, hour, unit, raw, events, first_event_at FROM outbox"
+                " WHERE shipped_at IS NULL ORDER BY seq LIMIT ?", (limit,))]
+
+
+def mark_shipped(conn: sqlite3.Connection, seqs: Sequence[int], *, now: float) -> None:
+    """After PostgreSQL committed them: never shipped again (shipping again would change nothing)."""
+    conn.executemany("UPDATE outbox SET shipped_at = ? WHERE seq = ?", [(int(now), s) for s in seqs])
+
+
+def backlog(conn: sqlite3.Connection) -> tuple[int, float | None]:
+    """Unshipped deltas and the time the oldest was committed."""
+    row = conn.execute("SELECT count(*), min(created_at) FROM outbox WHERE shipped_at IS NULL").fetchone()
+    return int(row[0]), row[1]
+
+
+def prune(conn: sqlite3.Connection, *, before: float, limit: int) -> int:
+    """Forget shipped deltas older than `before` (AUTOINCREMENT keeps their seqs unused)."""
+    return conn.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE shipped_at IS NOT NULL"
+                        " AND shipped_at < ? LIMIT ?)", (int(before), limit)).rowcount

@@ -1,0 +1,514 @@
+"""Fleet mode's shared store on PostgreSQL: members ship usage deltas into it, one leader sends from it.
+
+Every member keeps its own SQLite file as the first durable stop (ingest never waits on the
+network) and ships the deltas of its local outbox here (`ship`). The fleet's hour lifecycle runs
+here with the single-file rules: buckets per (customer, dimension, hour) summing every member's
+deltas; a delta for an hour already sealed goes to the customer's open hour as `carried_in`;
+remainders carried per customer and dimension fleet-wide; one frozen record per bucket.
+
+Only the holder of the `sender` lease seals, freezes, claims and settles. The lease row holds the
+holder, an epoch (the fencing token, incremented by every new holder) and an expiry on
+PostgreSQL's clock. Every leader transaction first locks the lease row FOR SHARE and checks that
+it still holds it at its epoch: a deposed leader (paused, partitioned, its lease expired and
+taken) changes nothing, and a takeover waits for a leader transaction under way to finish. A new
+leader marks the records its predecessor had in flight as possibly received (resent unchanged).
+
+Each async method is one transaction. Schema: `schema/pg/*.sql`, applied by `migrate` under an
+advisory transaction lock so that members starting together are safe.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+from psycopg import AsyncConnection, AsyncCursor
+from psycopg.rows import dict_row, tuple_row
+from psycopg_pool import AsyncConnectionPool
+
+from sidecar.clock import Clock, hour_start
+from sidecar.config import Settings
+from sidecar.errors import LeaseLost
+from sidecar.model import (
+    BucketState,
+    CustomerRef,
+    Outcome,
+    RecordState,
+    is_tenant_key,
+)
+from sidecar.store import records
+from sidecar.store.db import schema_dir
+from sidecar.store.outbox import ShippedDelta
+from sidecar.store.records import DueRecord, Settlement
+from sidecar.usage import record_timestamp, sealing_watermark, whole_units
+
+log = structlog.get_logger("sidecar.fleet")
+
+MIGRATION_LOCK = 0x51DECA4  # the advisory lock id members take while migrating
+LEASE = "sender"
+
+
+def pg_schema_files() -> list[Path]:
+    return sorted((schema_dir() / "pg").glob("[0-9][0-9][0-9]_*.sql"))
+
+
+async def migrate(conn: AsyncConnection[Any]) -> list[str]:
+    """Apply pending PostgreSQL migrations in one transaction under an advisory lock; names applied."""
+    applied: list[str] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        await conn.execute("CREATE TABLE IF NOT EXISTS fleet_migrations (name TEXT PRIMARY KEY,"
+                           " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        cur = conn.cursor(row_factory=tuple_row)
+        done = {r[0] for r in await (await cur.execute("SELECT name FROM fleet_migrations")).fetchall()}
+        for path in pg_schema_files():
+            if path.stem in done:
+                continue
+            await conn.execute(path.read_text(encoding="utf-8").encode())
+            await conn.execute("INSERT INTO fleet_migrations (name) VALUES (%s)", (path.stem,))
+            applied.append(path.stem)
+    return applied
+
+
+async def _first(cur: AsyncCursor[Any]) -> dict[str, Any]:
+    row = await cur.fetchone()
+    if row is None:
+        raise RuntimeError("the fleet schema is missing a row it creates (run the migrations)")
+    return dict(row)
+
+
+class FleetStore:
+    """The PostgreSQL store of one fleet, as one member sees it. Use `open()`; `close()` when done."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any], *, settings: Settings, clock: Clock, member_id: str) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.clock = clock
+        self.member_id = member_id
+        self.epoch: int | None = None  # the lease epoch while this member leads
+        self._dims = {d.name: d for d in settings.dimensions}
+
+    @classmethod
+    async def open(cls, url: str, *, settings: Settings, clock: Clock, member_id: str,
+                   max_size: int = 4) -> FleetStore:
+        """Connect, migrate (under the lock), register this member and store the TOML mappings."""
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            url, min_size=1, max_size=max_size, open=False, kwargs={"autocommit": True, "row_factory": dict_row})
+        await pool.open(wait=True, timeout=30)
+        store = cls(pool, settings=settings, clock=clock, member_id=member_id)
+        try:
+            async with pool.connection() as conn:
+                applied = await migrate(conn)
+                if applied:
+                    log.info("fleet_schema_migrated", applied=applied)
+            await store.join()
+            for tenant, ref in settings.customers.items():
+                await store.map_tenant(tenant, ref, source="config")
+        except BaseException:
+            await pool.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    # ---- members ------------------------------------------------------------------------------
+
+    async def join(self) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO members (member_id) VALUES (%s) ON CONFLICT (member_id) DO UPDATE SET"
+                " started_at = now(), heartbeat_at = now(), stopped_at = NULL", (self.member_id,))
+
+    async def heartbeat(self, *, backlog: int, backlog_since: float | None) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute("UPDATE members SET heartbeat_at = now(), backlog = %s, backlog_since = %s"
+                               " WHERE member_id = %s", (backlog, backlog_since, self.member_id))
+
+    async def leave(self) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute("UPDATE members SET stopped_at = now(), heartbeat_at = now() WHERE member_id = %s",
+                               (self.member_id,))
+
+    async def members(self) -> list[dict[str, Any]]:
+        """Every member with its heartbeat age (s, on PostgreSQL's clock) and unshipped backlog."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT m.member_id, extract(epoch FROM now() - m.heartbeat_at)::float AS heartbeat_age_s,"
+                " m.backlog, m.backlog_since, m.stopped_at IS NOT NULL AS stopped,"
+                " (l.holder = m.member_id AND l.expires_at > now()) AS leader"
+                " FROM members m CROSS JOIN lease l WHERE l.name = %s ORDER BY m.member_id", (LEASE,))
+            return list(await cur.fetchall())
+
+    # ---- shipping -----------------------------------------------------------------------------
+
+    async def ship(self, origin: str, deltas: Sequence[ShippedDelta]) -> int:
+        """Apply a member file's deltas once each, in one transaction; returns how many were new.
+
+        Deltas come in seq order (the outbox's); those at or below the origin's `shipped_through`
+        were applied by an earlier shipment whose answer the member did not see. Customer keys
+        carry who they are (identifier, account + licence, or a tenant resolved here)."""
+        if not deltas:
+            return 0
+        now = self.clock.now()
+        async with self.pool.connection() as conn, conn.transaction():
+            # Sealing holds this row FOR UPDATE: a shipment sees the watermark it works with stay put.
+            cur = await conn.execute("SELECT value FROM meta WHERE key = 'sealed_before' FOR SHARE")
+            stored = int((await _first(cur))["value"])
+            await conn.execute("INSERT INTO origins (origin, member_id) VALUES (%s, %s)"
+                               " ON CONFLICT (origin) DO NOTHING", (origin, self.member_id))
+            cur = await conn.execute("SELECT shipped_through FROM origins WHERE origin = %s FOR UPDATE", (origin,))
+            through = int((await _first(cur))["shipped_through"])
+            fresh = {d.seq for d in deltas if d.seq > through}
+            if not fresh:
+                return 0
+            await conn.execute("UPDATE origins SET shipped_through = %s, shipped_at = now(), member_id = %s"
+                               " WHERE origin = %s", (max(fresh), self.member_id, origin))
+            tenants = await self._tenant_map(conn, {d.customer for d in deltas if is_tenant_key(d.customer)})
+            open_hour = max(hour_start(now), stored)
+            sums: dict[tuple[str, str, int], list[int]] = {}
+            for d in deltas:
+                if d.seq not in fresh:
+                    continue
+                customer = tenants.get(d.customer, d.customer)
+                late = d.hour < stored
+                key = (customer, d.dimension, open_hour if late else d.hour)
+                s = sums.setdefault(key, [d.unit, 0, 0, 0, d.first_event_at])
+                if s[0] != d.unit:
+                    raise ValueError(f"{d.dimension}: deltas with units {s[0]} and {d.unit} in one bucket")
+                s[1] += d.raw
+                s[2] += d.events
+                s[3] += d.raw if late else 0
+                s[4] = min(s[4], d.first_event_at)
+            await self._ensure_customers(conn, {c for c, _, _ in sums})
+            rows = [(c, dim, h, s[0], BucketState.UNMAPPED if is_tenant_key(c) else BucketState.OPEN,
+                     s[1], s[2], s[3], s[4]) for (c, dim, h), s in sorted(sums.items())]
+            async with conn.cursor() as wcur:
+                await wcur.executemany(
+                    "INSERT INTO buckets (customer, dimension, hour, unit, state, raw, events, carried_in,"
+                    " first_event_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                    " ON CONFLICT (customer, dimension, hour) DO UPDATE SET raw = buckets.raw + excluded.raw,"
+                    " events = buckets.events + excluded.events,"
+                    " carried_in = buckets.carried_in + excluded.carried_in,"
+                    " first_event_at = least(buckets.first_event_at, excluded.first_event_at)"
+                    " WHERE buckets.state IN ('open', 'unmapped') AND buckets.unit = excluded.unit", rows)
+            # Every row must have landed in an open bucket; anything else would lose usage silently.
+            check = await conn.execute(
+                "SELECT count(*) AS n FROM buckets WHERE (customer, dimension, hour) IN"
+                " (SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[]))"
+                " AND state IN ('open', 'unmapped')",
+                ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]))
+            if int((await check.fetchone())["n"]) != len(rows):
+                raise RuntimeError("refusing to add usage to a sealed bucket or with another unit")
+        return len(fresh)
+
+    async def _tenant_map(self, conn: AsyncConnection[Any], keys: Iterable[str]) -> dict[str, str]:
+        names = [k.split(":", 1)[1] for k in keys]
+        if not names:
+            return {}
+        cur = await conn.execute("SELECT tenant, customer FROM tenants WHERE tenant = ANY(%s)", (names,))
+        return {f"tenant:{r['tenant']}": r["customer"] for r in await cur.fetchall()}
+
+    async def _ensure_customers(self, conn: AsyncConnection[Any], keys: Iterable[str]) -> None:
+        rows: list[tuple[str, str | None, str | None, str | None, str | None]] = []
+        for key in sorted(keys):
+            if is_tenant_key(key):
+                rows.append((key, None, None, None, key.split(":", 1)[1]))
+            else:
+                ref = CustomerRef.from_key(key)
+                rows.append((key, ref.aws_account_id, ref.license_arn, ref.customer_identifier, None))
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO customers (customer, aws_account_id, license_arn, customer_identifier, tenant)"
+                " VALUES (%s,%s,%s,%s,%s) ON CONFLICT (customer) DO NOTHING", rows)
+
+    # ---- tenant mapping -----------------------------------------------------------------------
+
+    async def map_tenant(self, tenant: str, ref: CustomerRef, *, source: str = "api") -> int:
+        """Map a tenant fleet-wide; its unmapped buckets join the customer's. Returns buckets moved."""
+        now = self.clock.now()
+        src = f"tenant:{tenant}"
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT value FROM meta WHERE key = 'sealed_before' FOR SHARE")
+            await self._ensure_customers(conn, [ref.key])
+            await conn.execute(
+                "INSERT INTO tenants (tenant, customer, source, mapped_at) VALUES (%s,%s,%s,%s)"
+                " ON CONFLICT (tenant) DO UPDATE SET customer = excluded.customer, source = excluded.source,"
+                " mapped_at = excluded.mapped_at", (tenant, ref.key, source, int(now)))
+            cur = await conn.execute(
+                "DELETE FROM buckets WHERE customer = %s AND state = 'unmapped'"
+                " RETURNING dimension, hour, unit, raw, events, carried_in, first_event_at", (src,))
+            moved = await cur.fetchall()
+            stored = await self._watermark(conn)
+            open_hour = max(hour_start(now), stored)
+            for b in moved:
+                late = b["hour"] < stored
+                await conn.execute(
+                    "INSERT INTO buckets (customer, dimension, hour, unit, state, raw, events, carried_in,"
+                    " first_event_at) VALUES (%s,%s,%s,%s,'open',%s,%s,%s,%s)"
+                    " ON CONFLICT (customer, dimension, hour) DO UPDATE SET raw = buckets.raw + excluded.raw,"
+                    " events = buckets.events + excluded.events,"
+                    " carried_in = buckets.carried_in + excluded.carried_in,"
+                    " first_event_at = least(buckets.first_event_at, excluded.first_event_at)",
+                    (ref.key, b["dimension"], open_hour if late else b["hour"], b["unit"], b["raw"], b["events"],
+                     b["carried_in"] + (b["raw"] if late else 0), b["first_event_at"]))
+        return len(moved)
+
+    # ---- the lease ----------------------------------------------------------------------------
+
+    async def acquire_lease(self) -> int | None:
+        """Take the sender lease if it is free or expired; the new epoch, or None when another holds it.
+
+        The taker marks records its predecessor had in flight as possibly received: their send may
+        have reached AWS, so they are resent byte for byte, never re-stamped.
+        """
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "UPDATE lease SET holder = %s, epoch = epoch + 1,"
+                " expires_at = now() + make_interval(secs => %s)"
+                " WHERE name = %s AND (expires_at <= now() OR holder IS NULL) RETURNING epoch",
+                (self.member_id, self.settings.lease_s, LEASE))
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            cur = await conn.execute(
+                "UPDATE records SET in_flight = false, maybe_received = true,"
+                " last_error = coalesce(last_error || '; ', '') || 'the sender changed during a send; outcome unknown'"
+                " WHERE in_flight RETURNING id")
+            resumed = len(await cur.fetchall())
+        self.epoch = int(row["epoch"])
+        log.info("lease_acquired", member=self.member_id, epoch=self.epoch, resumed_in_flight=resumed)
+        return self.epoch
+
+    async def renew_lease(self) -> bool:
+        """Extend the lease while it is still ours; False (and no longer leading) when it is not."""
+        if self.epoch is None:
+            return False
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "UPDATE lease SET expires_at = now() + make_interval(secs => %s)"
+                " WHERE name = %s AND holder = %s AND epoch = %s AND expires_at > now() RETURNING epoch",
+                (self.settings.lease_s, LEASE, self.member_id, self.epoch))
+            if await cur.fetchone() is None:
+                log.warning("lease_lost", member=self.member_id, epoch=self.epoch)
+                self.epoch = None
+                return False
+        return True
+
+    async def release_lease(self) -> None:
+        """Give the lease up at once (shutdown), so another member takes over without waiting."""
+        if self.epoch is None:
+            return
+        async with self.pool.connection() as conn:
+            await conn.execute("UPDATE lease SET expires_at = '-infinity' WHERE name = %s AND holder = %s"
+                               " AND epoch = %s", (LEASE, self.member_id, self.epoch))
+        log.info("lease_released", member=self.member_id, epoch=self.epoch)
+        self.epoch = None
+
+    async def _fence(self, conn: AsyncConnection[Any]) -> int:
+        """Inside a leader transaction: hold the lease row and check it is still ours at our epoch."""
+        if self.epoch is None:
+            raise LeaseLost(f"{self.member_id} does not hold the sender lease")
+        cur = await conn.execute(
+            "SELECT epoch FROM lease WHERE name = %s AND holder = %s AND epoch = %s AND expires_at > now()"
+            " FOR SHARE", (LEASE, self.member_id, self.epoch))
+        if await cur.fetchone() is None:
+            epoch, self.epoch = self.epoch, None
+            raise LeaseLost(f"{self.member_id}: the sender lease of epoch {epoch} expired or was taken")
+        return self.epoch
+
+    # ---- the hour lifecycle (leader only) --------------------------------------------------------
+
+    async def _watermark(self, conn: AsyncConnection[Any]) -> int:
+        cur = await conn.execute("SELECT value FROM meta WHERE key = 'sealed_before'")
+        return int((await _first(cur))["value"])
+
+    async def _seal(self, conn: AsyncConnection[Any], *, through: int | None = None) -> int:
+        now = self.clock.now()
+        cur = await conn.execute("SELECT value FROM meta WHERE key = 'sealed_before' FOR UPDATE")
+        stored = int((await _first(cur))["value"])
+        watermark = max(sealing_watermark(now, self.settings.hour_grace_s, stored), through or 0)
+        cur = await conn.execute(
+            "SELECT customer, dimension, hour, raw, unit FROM buckets WHERE state = 'open' AND hour < %s"
+            " ORDER BY hour, customer, dimension FOR UPDATE", (watermark,))
+        rows = await cur.fetchall()
+        for r in rows:
+            cur = await conn.execute("SELECT raw FROM carries WHERE customer = %s AND dimension = %s",
+                                     (r["customer"], r["dimension"]))
+            carry_row = await cur.fetchone()
+            carry = int(carry_row["raw"]) if carry_row else 0
+            quantity, remainder = whole_units(int(r["raw"]), carry, int(r["unit"]))
+            await conn.execute(
+                "UPDATE buckets SET state = 'sealed', remainder_in = %s, quantity = %s, remainder = %s,"
+                " sealed_at = %s WHERE customer = %s AND dimension = %s AND hour = %s",
+                (carry, quantity, remainder, int(now), r["customer"], r["dimension"], r["hour"]))
+            await conn.execute(
+                "INSERT INTO carries (customer, dimension, raw) VALUES (%s,%s,%s)"
+                " ON CONFLICT (customer, dimension) DO UPDATE SET raw = excluded.raw",
+                (r["customer"], r["dimension"], remainder))
+        await conn.execute("UPDATE meta SET value = %s WHERE key = 'sealed_before'", (watermark,))
+        if rows:
+            log.info("fleet_hours_sealed", buckets=len(rows), sealed_before=watermark)
+        return len(rows)
+
+    async def _freeze(self, conn: AsyncConnection[Any], *, now: float) -> int:
+        cur = await conn.execute(
+            "SELECT b.customer, b.dimension, b.hour, b.quantity, b.first_event_at, c.aws_account_id,"
+            " c.license_arn, c.customer_identifier FROM buckets b JOIN customers c ON c.customer = b.customer"
+            " WHERE b.state = 'sealed' ORDER BY b.hour, b.customer, b.dimension FOR UPDATE OF b")
+        frozen = 0
+        for r in await cur.fetchall():
+            ts = record_timestamp(int(r["hour"]), int(r["first_event_at"]))
+            built = records.build_payload(r, dimension=r["dimension"], quantity=int(r["quantity"]), timestamp=ts,
+                                          product_code=self.settings.product_code)
+            if built is None:
+                log.error("product_code_missing", customer=r["customer"],
+                          hint="set SIDECAR_PRODUCT_CODE to send CustomerIdentifier records")
+                continue
+            payload, code = built
+            await conn.execute(
+                "INSERT INTO records (customer, dimension, hour, timestamp, quantity, customer_identifier,"
+                " product_code, payload, state, created_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,'pending',%s)",
+                (r["customer"], r["dimension"], r["hour"], ts, r["quantity"], r["customer_identifier"], code,
+                 records.payload_json(payload), int(now)))
+            await conn.execute("UPDATE buckets SET state = 'pending' WHERE customer = %s AND dimension = %s"
+                               " AND hour = %s", (r["customer"], r["dimension"], r["hour"]))
+            frozen += 1
+        return frozen
+
+    async def seal_through(self, before: int) -> int:
+        """Seal every open bucket of hours starting before `before` (`flush --once --final`: the
+        whole service is stopping for good)."""
+        async with self.pool.connection() as conn, conn.transaction():
+            await self._fence(conn)
+            return await self._seal(conn, through=before)
+
+    # ---- sending (protocol.SendingStore; leader only, fenced) ------------------------------------
+
+    async def prepare_flush(self, *, now: float) -> tuple[int, dict[str, int]]:
+        async with self.pool.connection() as conn, conn.transaction():
+            await self._fence(conn)
+            await self._seal(conn)
+            frozen = await self._freeze(conn, now=now)
+            closed: dict[str, int] = {}
+            cur = await conn.execute("SELECT id, timestamp FROM records WHERE state = 'pending' AND NOT in_flight")
+            for r in await cur.fetchall():
+                if now >= self._window_closes_at(int(r["timestamp"])):
+                    state = await self._close(conn, int(r["id"]), now=now,
+                                              reason="window closed before AWS accepted it")
+                    closed[state] = closed.get(state, 0) + 1
+        return frozen, closed
+
+    def _window_closes_at(self, timestamp: int) -> int:
+        return records.window_closes_at(timestamp, window_s=self.settings.window_s,
+                                        margin_s=self.settings.window_margin_s)
+
+    async def _close(self, conn: AsyncConnection[Any], record: int, *, now: float, reason: str) -> str:
+        """The window rule: unknown if AWS may have it, else carried into the open hour or expired."""
+        cur = await conn.execute(
+            "SELECT r.maybe_received, r.customer, r.dimension, r.quantity, b.unit FROM records r JOIN buckets b"
+            " ON (b.customer, b.dimension, b.hour) = (r.customer, r.dimension, r.hour) WHERE r.id = %s", (record,))
+        row = await _first(cur)
+        if row["maybe_received"]:
+            state: str = RecordState.UNKNOWN
+            error = f"{reason}; an earlier send may have been billed"
+        elif self.settings.expired_policy == "carry":
+            state, error = RecordState.CARRIED, reason
+            raw = int(row["quantity"]) * int(row["unit"])
+            hour = max(hour_start(now), await self._watermark(conn))
+            if raw:
+                await conn.execute(
+                    "INSERT INTO buckets (customer, dimension, hour, unit, state, raw, events, carried_in,"
+                    " first_event_at) VALUES (%s,%s,%s,%s,'open',%s,0,%s,%s)"
+                    " ON CONFLICT (customer, dimension, hour) DO UPDATE SET raw = buckets.raw + excluded.raw,"
+                    " carried_in = buckets.carried_in + excluded.carried_in",
+                    (row["customer"], row["dimension"], hour, row["unit"], raw, raw, int(now)))
+        else:
+            state, error = RecordState.EXPIRED, reason
+        await self._set_state(conn, record, state, last_error=error)
+        log.warning("record_window_closed", record=record, state=state, customer=row["customer"],
+                    dimension=row["dimension"], quantity=row["quantity"])
+        return state
+
+    async def _set_state(self, conn: AsyncConnection[Any], record: int, state: str, **fields: Any) -> None:
+        cols = "".join(f", {k} = %s" for k in fields)
+        await conn.execute(f"UPDATE records SET state = %s, in_flight = false{cols} WHERE id = %s",
+                           (state, *fields.values(), record))
+        await conn.execute("UPDATE buckets SET state = %s WHERE (customer, dimension, hour) ="
+                           " (SELECT customer, dimension, hour FROM records WHERE id = %s)", (state, record))
+
+    async def _due(self, conn: AsyncConnection[Any], now: float, limit: int, *, lock: bool) -> list[DueRecord]:
+        cur = await conn.execute(
+            "SELECT id, payload, product_code, timestamp, maybe_received, attempts, customer_identifier"
+            " FROM records WHERE state = 'pending' AND NOT in_flight AND next_attempt_at <= %s"
+            f" ORDER BY timestamp, id LIMIT %s{' FOR UPDATE' if lock else ''}", (now, limit * 4))
+        return records.pick_due(await cur.fetchall(), limit)
+
+    async def claim(self, *, now: float, limit: int, owner: str = "") -> list[DueRecord]:
+        async with self.pool.connection() as conn, conn.transaction():
+            epoch = await self._fence(conn)
+            picked = await self._due(conn, now, limit, lock=True)
+            if picked:
+                await conn.execute(
+                    "UPDATE records SET in_flight = true, attempts = attempts + 1, claimed_by = %s,"
+                    " claim_epoch = %s WHERE id = ANY(%s)", (owner or self.member_id, epoch, [r.id for r in picked]))
+        return picked
+
+    async def peek_due(self, *, now: float, limit: int) -> list[DueRecord]:
+        async with self.pool.connection() as conn:
+            return await self._due(conn, now, limit, lock=False)
+
+    async def settle(self, settlements: Sequence[Settlement], *, now: float) -> None:
+        async with self.pool.connection() as conn, conn.transaction():
+            await self._fence(conn)
+            for s in settlements:
+                if s.outcome == Outcome.SENT:
+                    await self._set_state(conn, s.record, RecordState.SENT, aws_status=s.status or "Success",
+                                          metering_record_id=s.metering_record_id, sent_at=int(now))
+                elif s.outcome in (Outcome.CONFLICT, Outcome.REJECTED):
+                    await self._set_state(conn, s.record, s.outcome, aws_status=s.status, last_error=s.error)
+                elif s.outcome == Outcome.RETRY:
+                    await conn.execute(
+                        "UPDATE records SET in_flight = false, last_error = %s, next_attempt_at = %s,"
+                        " maybe_received = maybe_received OR %s WHERE id = %s AND in_flight",
+                        (s.error, s.next_attempt_at, s.maybe_received, s.record))
+                else:
+                    raise ValueError(f"unknown outcome {s.outcome!r}")
+
+    async def close_records(self, ids: Sequence[int], *, now: float, reason: str) -> list[str]:
+        async with self.pool.connection() as conn, conn.transaction():
+            await self._fence(conn)
+            return [await self._close(conn, rid, now=now, reason=reason) for rid in ids]
+
+    async def due_now(self, *, held_until: float, now: float) -> int:
+        async with self.pool.connection() as conn, conn.transaction():
+            await self._fence(conn)
+            cur = await conn.execute(
+                "UPDATE records SET next_attempt_at = %s WHERE state = 'pending' AND NOT in_flight"
+                " AND next_attempt_at <= %s", (now, held_until))
+            return int(cur.rowcount)
+
+    async def pending_summary(self) -> tuple[int, float | None]:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT count(*) AS n, min(next_attempt_at) AS at FROM records"
+                                     " WHERE state = 'pending'")
+            row = await _first(cur)
+            return int(row["n"]), None if row["at"] is None else float(row["at"])
+
+    # ---- reads --------------------------------------------------------------------------------
+
+    async def buckets(self) -> list[dict[str, Any]]:
+        """Every bucket with its record's fields (for `sidecar usage` and tests)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT b.*, r.id AS record_id, r.payload, r.attempts, r.aws_status FROM buckets b"
+                " LEFT JOIN records r ON (r.customer, r.dimension, r.hour) = (b.customer, b.dimension, b.hour)"
+                " ORDER BY b.hour, b.customer, b.dimension")
+            rows = await cur.fetchall()
+        for r in rows:
+            if r["payload"] is not None:
+                r["payload"] = json.loads(r["payload"])
+        return list(rows)
