@@ -9,7 +9,7 @@ import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -26,6 +26,9 @@ from sidecar.page import render_usage_page
 from sidecar.store import MeteringStore, UsageFilter, open_store
 from sidecar.when import parse_when
 
+if TYPE_CHECKING:  # fleet mode's modules import psycopg: only in fleet mode
+    from sidecar.fleet import Member
+
 log = structlog.get_logger("sidecar.app")
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -34,6 +37,7 @@ STORE: web.AppKey[MeteringStore] = web.AppKey("store")
 DRAINING = web.AppKey("draining", asyncio.Event)
 FLUSHER = web.AppKey("flusher", Flusher)
 METRICS = web.AppKey("metrics", Metrics)
+MEMBER: web.AppKey[Member] = web.AppKey("member")  # fleet mode only
 # The last ingest commit failure, cleared by the next success.
 INGEST_ERROR: web.AppKey[dict[str, Any]] = web.AppKey("ingest_error", dict)
 
@@ -150,6 +154,15 @@ async def ingest_events(request: web.Request) -> web.Response:
                                      headers={"Retry-After": RETRY_AFTER_S})
         accepted, duplicates = result.accepted, result.duplicates
         request.app[INGEST_ERROR].clear()
+        if settings.fleet and settings.ack == "fleet" and accepted:
+            try:  # the answer waits until the fleet's PostgreSQL holds these events' usage
+                await request.app[MEMBER].ship_now(fail_fast=True)
+            except Exception as exc:
+                log.warning("fleet_ack_failed", error=str(exc))
+                return web.json_response(
+                    {"error": f"stored locally but not yet in the fleet's database ({type(exc).__name__});"
+                              " retry: duplicates are counted once", "stored_locally": accepted},
+                    status=503, headers={"Retry-After": RETRY_AFTER_S})
     metrics = request.app[METRICS]
     metrics.accepted.inc(accepted)
     metrics.duplicates.inc(duplicates)
@@ -188,7 +201,10 @@ async def put_customer(request: web.Request) -> web.Response:
     except ValueError as exc:
         return error(422, str(exc))
     try:
-        moved = await request.app[STORE].map_tenant(tenant, ref)
+        if MEMBER in request.app:  # fleet mode: the mapping holds for every member
+            moved = await request.app[MEMBER].fleet.map_tenant(tenant, ref)
+        else:
+            moved = await request.app[STORE].map_tenant(tenant, ref)
     except StoreUnavailable as exc:
         return web.json_response({"error": str(exc)}, status=503, headers={"Retry-After": RETRY_AFTER_S})
     return web.json_response({"tenant": tenant, "customer": ref.key, "buckets_moved": moved})
@@ -221,6 +237,14 @@ async def get_usage(request: web.Request) -> web.Response:
     now = request.app[CLOCK].now()
     wants_html = "text/html" in request.headers.get("Accept", "") and request.query.get("format") != "json"
     data = await asyncio.to_thread(functools.partial(view.usage, filt, health_at=now if wants_html else None))
+    if MEMBER in request.app:  # fleet mode: the fleet's buckets (this member's file keeps no buckets)
+        member = request.app[MEMBER]
+        try:
+            data.update(await member.fleet.usage(filt))
+        except Exception as exc:
+            return web.json_response({"error": f"the fleet's database is unreachable: {type(exc).__name__}"},
+                                     status=503, headers={"Retry-After": RETRY_AFTER_S})
+        data["fleet"] = {**member.health(), "members": member.members_seen}
     data["rows"] = [present_row(r) for r in data["rows"]]
     data["parked"] = [present_row(r) for r in data["parked"]]
     if wants_html:
@@ -247,6 +271,11 @@ async def get_healthz(request: web.Request) -> web.Response:
     status = "unavailable" if not writable else "degraded" if attention else "ok"
     body = {"status": status, "db_writable": writable, "draining": request.app[DRAINING].is_set(),
             "ingest_error": ingest_error or None, **facts}
+    if MEMBER in request.app:
+        member = request.app[MEMBER]
+        body["fleet"] = {**member.health(), "members": member.members_seen}  # as of the last heartbeat
+        if member.ship_error or member.lead_error:
+            body["status"] = "degraded" if writable else body["status"]
     if problem:
         body["error"] = problem
     return web.json_response(body, status=200 if writable else 503)
@@ -306,6 +335,58 @@ async def shutdown_flush(app: web.Application, deadline_s: float) -> None:
                   note="unsent unless this database file is kept and flushed (`sidecar flush --once --final`)")
 
 
+async def fleet_member(app: web.Application, store: MeteringStore, api: MeteringApi | None, *,
+                       background: bool) -> AsyncIterator[None]:
+    """Fleet mode's resources: the fleet's store, this member's loops, and its SIGTERM sequence
+    (503 for new events, stop leading after the pass under way, ship everything, release the lease)."""
+    from sidecar.fleet import Member, member_id_for
+    from sidecar.store.pg import FleetStore
+
+    settings, clock = app[SETTINGS], app[CLOCK]
+    assert settings.fleet_url is not None
+    fleet = await FleetStore.open(settings.fleet_url, settings=settings, clock=clock,
+                                  member_id=member_id_for(settings), wait=False)
+    app[FLUSHER] = Flusher(fleet, api, settings, clock)
+    member = Member(store, fleet, app[FLUSHER], settings, clock)
+    app[MEMBER] = member
+    app[METRICS].attach(view=store.view, now=clock.now, flusher=app[FLUSHER], member=member)
+    stop_ship, stop_lead, stop_prune = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    tasks = [asyncio.create_task(member.shipping_loop(stop_ship), name="shipping"),
+             asyncio.create_task(member.leading_loop(stop_lead), name="leading"),
+             asyncio.create_task(prune_loop(app, stop_prune), name="pruning")] if background else []
+    log.info("sidecar_started", db=str(settings.db_path), fleet_member=fleet.member_id, ack=settings.ack,
+             dimensions=[d.name for d in settings.dimensions], dry_run=api is None)
+    try:
+        yield
+    finally:
+        app[DRAINING].set()
+        deadline = time.monotonic() + settings.shutdown_deadline_s
+        for ev in (stop_lead, stop_ship, stop_prune):
+            ev.set()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=max(0.5, settings.shutdown_deadline_s / 2))
+            for t in pending:
+                log.warning("fleet_task_cut_short_by_shutdown", task=t.get_name())
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if background:
+            await member.shutdown(max(0.5, deadline - time.monotonic()))
+        await fleet.close()
+        await asyncio.to_thread(store.close)
+        log.info("sidecar_stopped")
+
+
+async def prune_loop(app: web.Application, stop: asyncio.Event) -> None:
+    """Fleet mode: the local file keeps events (dedup) and the outbox; prune both now and then."""
+    while not stop.is_set():
+        try:
+            app[METRICS].pruned.inc(await app[STORE].prune())
+        except (StoreUnavailable, StoreClosed) as exc:
+            log.warning("prune_failed", error=str(exc))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=app[SETTINGS].flush_interval_s)
+
+
 def create_app(settings: Settings, *, clock: Clock | None = None, api: MeteringApi | None = None,
                background: bool = True) -> web.Application:
     """The sidecar's aiohttp application.
@@ -325,6 +406,10 @@ def create_app(settings: Settings, *, clock: Clock | None = None, api: MeteringA
         store = await asyncio.to_thread(functools.partial(open_store, settings, clock=app[CLOCK],
                                                           on_group=app[METRICS].group_size.observe))
         app[STORE] = store
+        if settings.fleet:
+            async for _ in fleet_member(app, store, api, background=background):
+                yield
+            return
         app[FLUSHER] = Flusher(store, api, settings, app[CLOCK])
         app[METRICS].attach(view=store.view, now=app[CLOCK].now, flusher=app[FLUSHER])
         stop = asyncio.Event()

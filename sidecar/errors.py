@@ -36,6 +36,10 @@ class StoreBusy(StoreUnavailable):
     """Raised when more events wait for the disk than SIDECAR_MAX_QUEUED_EVENTS; nothing was stored."""
 
 
+class FleetUnavailable(StoreUnavailable):
+    """Raised when the fleet's PostgreSQL cannot be reached or cannot commit; nothing was stored there."""
+
+
 class StoreClosed(SidecarError):
     """Raised when work is submitted to a store that is shutting down."""
 

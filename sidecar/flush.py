@@ -272,6 +272,11 @@ class Flusher:
                 self._unsettled[r.id] = self._unsettled.get(r.id, False) or maybe
             raise
 
+    def forget_unsettled(self) -> None:
+        """A new sender lease: the store already marked every record left in flight as possibly
+        received, so answers this flusher failed to store are no longer its to write."""
+        self._unsettled.clear()
+
     async def _release_unsettled(self) -> None:
         """Return records whose outcome could not be stored to pending (they are still in flight)."""
         if not self._unsettled:

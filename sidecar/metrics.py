@@ -41,9 +41,12 @@ class Metrics:
             ["result"], registry=self.registry)
         self.pruned = Counter("sidecar_events_pruned_total", "Event rows deleted by retention.", registry=self.registry)
 
-    def attach(self, *, view: UsageReader, now: Callable[[], float], flusher: Any) -> None:
-        """Add the scrape-time collector that reads state from the database and the flusher."""
+    def attach(self, *, view: UsageReader, now: Callable[[], float], flusher: Any, member: Any = None) -> None:
+        """Add the scrape-time collector that reads state from the database and the flusher (and, in
+        fleet mode, this member's shipping and lease figures)."""
         self.registry.register(_StateCollector(view, now, flusher))
+        if member is not None:
+            self.registry.register(_FleetCollector(member))
 
     def render(self) -> bytes:
         """The text exposition format."""
@@ -129,3 +132,38 @@ class _StateCollector(Collector):
         for outcome, n in sorted(self.flusher.records_by_outcome.items()):
             outcomes.add_metric([outcome], n)
         yield outcomes
+
+
+class _FleetCollector(Collector):
+    """Fleet mode: this member's outbox and lease, and every member as last read from PostgreSQL."""
+
+    def __init__(self, member: Any) -> None:
+        self.member = member
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.member
+        health = m.health()
+        backlog = GaugeMetricFamily("sidecar_fleet_backlog_deltas",
+                                    "Usage deltas committed locally and not yet shipped to the fleet's PostgreSQL.")
+        backlog.add_metric([], health["backlog_deltas"])
+        age = GaugeMetricFamily("sidecar_fleet_backlog_age_seconds",
+                                "Age of the oldest unshipped delta (0 when none); alarm when it grows.")
+        age.add_metric([], health["backlog_age_s"] or 0.0)
+        failing = GaugeMetricFamily("sidecar_fleet_ship_failing", "1 while shipping to PostgreSQL fails.")
+        failing.add_metric([], 1 if health["ship_error"] else 0)
+        leader = GaugeMetricFamily("sidecar_fleet_leader", "1 while this member holds the sender lease.")
+        leader.add_metric([], 1 if health["leader"] else 0)
+        shipped = CounterMetricFamily("sidecar_fleet_shipped_deltas", "Deltas this member shipped (new in PostgreSQL).")
+        shipped.add_metric([], m.shipped)
+        beat = GaugeMetricFamily("sidecar_fleet_member_heartbeat_age_seconds",
+                                 "Each member's heartbeat age, as last read from PostgreSQL.", labels=["member"])
+        member_backlog = GaugeMetricFamily("sidecar_fleet_member_backlog_deltas",
+                                           "Each member's unshipped deltas, as it last reported.", labels=["member"])
+        for row in m.members_seen:
+            if not row["stopped"]:
+                beat.add_metric([row["member_id"]], row["heartbeat_age_s"])
+                member_backlog.add_metric([row["member_id"]], row["backlog"])
+        yield from (backlog, age, failing, leader, shipped, beat, member_backlog)

@@ -164,8 +164,10 @@ class Buckets:
                 hour, late = target_hour(ev.time, now=now, watermark=watermark)
                 rows.append((ev.event_id, int(ev.time), now_s, customer, ev.tenant, hour, ev.model,
                              ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens, ev.gpu_micros, ev.finish))
-                add_event(deltas, ev, customer=customer, hour=hour, late=late, dimensions=self.settings.dimensions)
-                if shipping is not None:  # the fleet decides what is late: ship the event's own hour
+                if shipping is None:
+                    add_event(deltas, ev, customer=customer, hour=hour, late=late,
+                              dimensions=self.settings.dimensions)
+                else:  # fleet mode: the fleet's store keeps the buckets and decides what is late
                     add_event(shipping, ev, customer=customer, hour=hour_start(ev.time), late=False,
                               dimensions=self.settings.dimensions)
                 if self._gpu_dims:
@@ -589,6 +591,7 @@ class Buckets:
             "DELETE FROM engine_intervals WHERE event_id IN (SELECT event_id FROM engine_intervals"
             " WHERE end_us < ? AND pending_from_us >= end_us LIMIT ?)",
             (round((now - self.settings.max_event_age_s - PRUNE_MARGIN_S) * 1_000_000), limit))
+        outbox.prune(conn, before=now - self.settings.retention_s, limit=limit)  # shipped deltas
         return cur.rowcount
 
     @property

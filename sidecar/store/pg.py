@@ -24,14 +24,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import structlog
 from psycopg import AsyncConnection, AsyncCursor
 from psycopg.rows import dict_row, tuple_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from sidecar.clock import Clock, hour_start
 from sidecar.config import Settings
-from sidecar.errors import LeaseLost
+from sidecar.errors import FleetUnavailable, LeaseLost
 from sidecar.model import (
     BucketState,
     CustomerRef,
@@ -39,9 +40,10 @@ from sidecar.model import (
     RecordState,
     is_tenant_key,
 )
-from sidecar.store import records
+from sidecar.store import queries, records
 from sidecar.store.db import schema_dir
 from sidecar.store.outbox import ShippedDelta
+from sidecar.store.queries import UsageFilter
 from sidecar.store.records import DueRecord, Settlement
 from sidecar.usage import record_timestamp, sealing_watermark, whole_units
 
@@ -89,28 +91,42 @@ class FleetStore:
         self.clock = clock
         self.member_id = member_id
         self.epoch: int | None = None  # the lease epoch while this member leads
+        self._ready = False
         self._dims = {d.name: d for d in settings.dimensions}
 
     @classmethod
     async def open(cls, url: str, *, settings: Settings, clock: Clock, member_id: str,
-                   max_size: int = 4) -> FleetStore:
-        """Connect, migrate (under the lock), register this member and store the TOML mappings."""
+                   max_size: int = 4, wait: bool = True) -> FleetStore:
+        """Connect, migrate (under the lock), register this member and store the TOML mappings.
+
+        With `wait=False` (a member starting while PostgreSQL is down) the pool connects in the
+        background and `ready()` is retried by the member's loops until it succeeds.
+        """
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-            url, min_size=1, max_size=max_size, open=False, kwargs={"autocommit": True, "row_factory": dict_row})
-        await pool.open(wait=True, timeout=30)
+            url, min_size=1, max_size=max_size, open=False, timeout=5,
+            kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": 5})
+        await pool.open(wait=False)
         store = cls(pool, settings=settings, clock=clock, member_id=member_id)
-        try:
-            async with pool.connection() as conn:
-                applied = await migrate(conn)
-                if applied:
-                    log.info("fleet_schema_migrated", applied=applied)
-            await store.join()
-            for tenant, ref in settings.customers.items():
-                await store.map_tenant(tenant, ref, source="config")
-        except BaseException:
-            await pool.close()
-            raise
+        if wait:
+            try:
+                await store.ready()
+            except BaseException:
+                await pool.close()
+                raise
         return store
+
+    async def ready(self) -> None:
+        """Migrate, join the fleet and store the configured mappings, once; raises while unreachable."""
+        if self._ready:
+            return
+        async with self.pool.connection() as conn:
+            applied = await migrate(conn)
+            if applied:
+                log.info("fleet_schema_migrated", applied=applied)
+        await self.join()
+        for tenant, ref in self.settings.customers.items():
+            await self.map_tenant(tenant, ref, source="config")
+        self._ready = True
 
     async def close(self) -> None:
         await self.pool.close()
@@ -228,7 +244,14 @@ class FleetStore:
     # ---- tenant mapping -----------------------------------------------------------------------
 
     async def map_tenant(self, tenant: str, ref: CustomerRef, *, source: str = "api") -> int:
-        """Map a tenant fleet-wide; its unmapped buckets join the customer's. Returns buckets moved."""
+        """Map a tenant fleet-wide; its unmapped buckets join the customer's. Returns buckets moved.
+        Raises FleetUnavailable when PostgreSQL cannot be reached (nothing was mapped)."""
+        try:
+            return await self._map_tenant(tenant, ref, source)
+        except (psycopg.Error, PoolTimeout) as exc:
+            raise FleetUnavailable(f"the fleet's database: {exc}") from exc
+
+    async def _map_tenant(self, tenant: str, ref: CustomerRef, source: str) -> int:
         now = self.clock.now()
         src = f"tenant:{tenant}"
         async with self.pool.connection() as conn, conn.transaction():
@@ -498,10 +521,10 @@ class FleetStore:
             row = await _first(cur)
             return int(row["n"]), None if row["at"] is None else float(row["at"])
 
-    # ---- reads --------------------------------------------------------------------------------
+    # ---- reads ------------------------------------------------------------------------------
 
     async def buckets(self) -> list[dict[str, Any]]:
-        """Every bucket with its record's fields (for `sidecar usage` and tests)."""
+        """Every bucket with its record's fields (for tests and tools)."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(
                 "SELECT b.*, r.id AS record_id, r.payload, r.attempts, r.aws_status FROM buckets b"
@@ -512,3 +535,23 @@ class FleetStore:
             if r["payload"] is not None:
                 r["payload"] = json.loads(r["payload"])
         return list(rows)
+
+    async def usage(self, f: UsageFilter, *, limit: int = 5000) -> dict[str, Any]:
+        """The fleet's buckets in the shape `/usage` and `sidecar usage` show (rows, totals, parked)."""
+        where, args = queries.where_sql(f, placeholder="%s")
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT b.*, r.id AS record_id, r.timestamp AS record_timestamp, r.attempts, r.aws_status,"
+                " r.metering_record_id, r.last_error, r.sent_at, NULL AS hold_rule FROM buckets b"
+                " LEFT JOIN records r ON (r.customer, r.dimension, r.hour) = (b.customer, b.dimension, b.hour)"
+                f"{where} ORDER BY b.hour DESC, b.customer, b.dimension LIMIT %s", [*args, limit])
+            rows = [dict(r) for r in await cur.fetchall()]
+            cur = await conn.execute(
+                "SELECT b.customer, b.dimension, b.state, sum(b.raw)::bigint AS raw,"
+                " sum(b.quantity)::bigint AS quantity, sum(b.events)::bigint AS events, max(b.unit) AS unit"
+                f" FROM buckets b{where} GROUP BY b.customer, b.dimension, b.state", args)
+            grouped = await cur.fetchall()
+            carry_where, carry_args = queries.where_sql(f, alias="c", who_only=True, placeholder="%s")
+            cur = await conn.execute(f"SELECT c.customer, c.dimension, c.raw FROM carries c{carry_where}", carry_args)
+            carries = {(r["customer"], r["dimension"]): int(r["raw"]) for r in await cur.fetchall()}
+        return {"rows": rows, "totals": queries.totals_from(grouped, carries), "parked": []}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,18 @@ def _who(f: UsageFilter, alias: str) -> tuple[list[str], list[Any]]:
     return clauses, args
 
 
+def where_sql(f: UsageFilter, *, alias: str = "b", who_only: bool = False,
+              placeholder: str = "?") -> tuple[str, list[Any]]:
+    """The filter as a WHERE clause on `alias` (buckets; `who_only`: just customer and dimension, for
+    carries), with the backend's parameter placeholder."""
+    if who_only:
+        clauses, args = _who(f, alias)
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+    else:
+        where, args = _where(f, alias)
+    return where.replace("?", placeholder), args
+
+
 def _where(f: UsageFilter, alias: str = "b") -> tuple[str, list[Any]]:
     clauses, args = _who(f, alias)
     if f.state is not None:
@@ -114,13 +126,21 @@ def usage_rows(conn: sqlite3.Connection, f: UsageFilter, *, limit: int = 5000) -
 def usage_totals(conn: sqlite3.Connection, f: UsageFilter) -> list[dict[str, Any]]:
     """Per customer and dimension: raw usage still open, whole units by state, and the carry."""
     where, args = _where(f)
-    totals: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in conn.execute(
+    grouped = conn.execute(
         "SELECT b.customer, b.dimension, b.state, sum(b.raw) AS raw, sum(b.quantity) AS quantity,"
         " sum(b.events) AS events, max(b.unit) AS unit"
-        f" FROM buckets b{where} GROUP BY b.customer, b.dimension, b.state",
-        args,
-    ):
+        f" FROM buckets b{where} GROUP BY b.customer, b.dimension, b.state", args).fetchall()
+    clauses, carry_args = _who(f, "c")
+    carry_where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+    carries = {(r["customer"], r["dimension"]): r["raw"]
+               for r in conn.execute(f"SELECT c.customer, c.dimension, c.raw FROM carries c{carry_where}", carry_args)}
+    return totals_from(grouped, carries)
+
+
+def totals_from(grouped: Iterable[Mapping[str, Any]], carries: Mapping[tuple[str, str], int]) -> list[dict[str, Any]]:
+    """Totals per customer and dimension from bucket sums grouped by state, and the carries (any backend)."""
+    totals: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in grouped:
         t = totals.setdefault(
             (r["customer"], r["dimension"]),
             {"customer": r["customer"], "dimension": r["dimension"], "unit_raw": r["unit"],
@@ -132,17 +152,15 @@ def usage_totals(conn: sqlite3.Connection, f: UsageFilter) -> list[dict[str, Any
             t["quantity_by_state"][r["state"]] = 0
         else:
             t["quantity_by_state"][r["state"]] = r["quantity"] or 0
-    clauses, carry_args = _who(f, "c")
-    carry_where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
-    for r in conn.execute(f"SELECT c.customer, c.dimension, c.raw FROM carries c{carry_where}", carry_args):
-        found = totals.get((r["customer"], r["dimension"]))
-        if found is None and r["raw"]:
+    for (customer, dimension), raw in carries.items():
+        found = totals.get((customer, dimension))
+        if found is None and raw:
             # A remainder whose buckets are gone from the view (e.g. a renamed or dropped dimension)
-            found = totals[(r["customer"], r["dimension"])] = {
-                "customer": r["customer"], "dimension": r["dimension"], "unit_raw": None, "open_raw": 0,
+            found = totals[(customer, dimension)] = {
+                "customer": customer, "dimension": dimension, "unit_raw": None, "open_raw": 0,
                 "events": 0, "quantity_by_state": {}, "carry_raw": 0}
         if found is not None:
-            found["carry_raw"] = r["raw"]
+            found["carry_raw"] = raw
     return list(totals.values())
 
 

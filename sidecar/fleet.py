@@ -1,0 +1,206 @@
+"""A fleet member's background work: ship the local outbox, keep a heartbeat, and lead when it can.
+
+Every member ships its outbox to the fleet's PostgreSQL every SIDECAR_SHIP_INTERVAL_S and at
+shutdown; a shipment is marked shipped locally only after PostgreSQL committed it. When PostgreSQL
+is unreachable the member keeps accepting events (the outbox grows) and says so in /healthz.
+
+One member at a time holds the sender lease and runs the flusher against the fleet's store; the
+lease is renewed every third of SIDECAR_LEASE_S. A member that loses it stops sending at once (its
+transactions are fenced by the lease epoch). At shutdown a leader finishes its pass, then releases
+the lease so another member takes over without waiting for the TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import socket
+import time
+import urllib.request
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+from sidecar.clock import Clock
+from sidecar.config import Settings
+from sidecar.errors import FleetUnavailable, LeaseLost, StoreClosed, StoreUnavailable
+from sidecar.flush import Flusher
+from sidecar.store.pg import FleetStore
+from sidecar.store.protocol import MeteringStore
+
+log = structlog.get_logger("sidecar.fleet")
+
+SHIP_BATCH = 5000  # deltas per shipment (one PostgreSQL transaction)
+
+
+def default_member_id(env: Mapping[str, str]) -> str:
+    """SIDECAR_MEMBER_ID, else the ECS task ARN from the task metadata endpoint, else host + suffix."""
+    given = env.get("SIDECAR_MEMBER_ID")
+    if given:
+        return given
+    meta = env.get("ECS_CONTAINER_METADATA_URI_V4")
+    if meta:
+        try:
+            with urllib.request.urlopen(f"{meta}/task", timeout=2) as resp:  # noqa: S310 (the agent's URL)
+                arn = json.loads(resp.read()).get("TaskARN")
+            if isinstance(arn, str) and arn:
+                return arn
+        except (OSError, ValueError) as exc:
+            log.warning("task_metadata_unreadable", error=str(exc))
+    return f"{socket.gethostname()}-{secrets.token_hex(3)}"
+
+
+class Member:
+    """One sidecar's part in a fleet: its local store, the fleet's store, and the sender it may run."""
+
+    def __init__(self, local: MeteringStore, fleet: FleetStore, flusher: Flusher, settings: Settings,
+                 clock: Clock) -> None:
+        self.local = local
+        self.fleet = fleet
+        self.flusher = flusher
+        self.settings = settings
+        self.clock = clock
+        self.ship_error: str | None = None  # the last shipping failure, cleared by the next success
+        self.shipped = 0  # deltas PostgreSQL committed (new ones)
+        self.backlog = 0
+        self.backlog_since: float | None = None
+        self.lead_error: str | None = None  # the last leading failure, cleared by the next success
+        self.members_seen: list[dict[str, Any]] = []  # every member, as last read from PostgreSQL
+        self._ship_lock = asyncio.Lock()
+        self._ship_failed_at = 0.0  # monotonic time of the last failed shipment
+        self._next_ship: asyncio.Future[None] | None = None  # callers waiting for the next shipment
+
+    @property
+    def leading(self) -> bool:
+        return self.fleet.epoch is not None
+
+    async def ship_once(self, *, max_batches: int = 1000) -> int:
+        """Ship the outbox in order until it is empty; returns deltas newly applied in PostgreSQL."""
+        async with self._ship_lock:
+            await self.fleet.ready()
+            applied = 0
+            for _ in range(max_batches):
+                deltas = await self.local.outbox_batch(limit=SHIP_BATCH)
+                if not deltas:
+                    break
+                applied += await self.fleet.ship(self.local.origin, deltas)
+                await self.local.mark_shipped([d.seq for d in deltas], now=self.clock.now())
+                if len(deltas) < SHIP_BATCH:
+                    break
+            self.shipped += applied
+            return applied
+
+    async def ship_now(self, *, fail_fast: bool = False) -> None:
+        """Return once a shipment that began after this call has committed (SIDECAR_ACK=fleet);
+        raises when it fails. Callers arriving together share one shipment. `fail_fast`: raise at
+        once while the last shipment failed less than a ship interval ago (PostgreSQL is down; the
+        shipping loop keeps trying), instead of waiting out a connection timeout per request."""
+        if fail_fast and self.ship_error is not None and \
+                time.monotonic() - self._ship_failed_at < self.settings.ship_interval_s:
+            raise FleetUnavailable(f"the fleet's database is unreachable: {self.ship_error}")
+        if self._next_ship is None:
+            self._next_ship = asyncio.get_running_loop().create_future()
+            asyncio.create_task(self._run_next_ship())  # noqa: RUF006 (its outcome is in the future)
+        await asyncio.shield(self._next_ship)
+
+    async def _run_next_ship(self) -> None:
+        async with self._ship_lock:
+            fut, self._next_ship = self._next_ship, None
+        # Everyone waiting on `fut` committed before this point: the shipment below covers them.
+        assert fut is not None
+        try:
+            await self.ship_once()
+            self.ship_error = None
+        except Exception as exc:
+            self.ship_error = f"{type(exc).__name__}: {exc}"
+            self._ship_failed_at = time.monotonic()
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: callers that gave up must not leave it unobserved
+        else:
+            fut.set_result(None)
+
+    async def _ship_and_beat(self) -> None:
+        try:
+            await self.ship_once()
+            if self.ship_error is not None:
+                log.info("fleet_shipping_resumed")
+            self.ship_error = None
+        except (StoreUnavailable, StoreClosed):
+            raise
+        except Exception as exc:  # PostgreSQL unreachable, failing over, or refusing: keep accepting
+            if self.ship_error is None:
+                log.warning("fleet_shipping_failed", error=str(exc), note="events are kept in the local outbox")
+            self.ship_error = f"{type(exc).__name__}: {exc}"
+            self._ship_failed_at = time.monotonic()
+        self.backlog, self.backlog_since = await self.local.outbox_backlog()
+        with contextlib.suppress(Exception):
+            await self.fleet.heartbeat(backlog=self.backlog, backlog_since=self.backlog_since)
+            self.members_seen = await self.fleet.members()
+
+    async def shipping_loop(self, stop: asyncio.Event) -> None:
+        """Ship every SIDECAR_SHIP_INTERVAL_S until told to stop."""
+        while not stop.is_set():
+            try:
+                await self._ship_and_beat()
+            except (StoreUnavailable, StoreClosed) as exc:
+                log.warning("fleet_outbox_unreadable", error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.settings.ship_interval_s)
+
+    async def leading_loop(self, stop: asyncio.Event) -> None:
+        """Hold (or wait for) the sender lease; while holding it, run a flush pass when one is due."""
+        renew_every = self.settings.lease_s / 3
+        next_pass = 0.0
+        while not stop.is_set():
+            try:
+                if self.leading:
+                    await self.fleet.renew_lease()
+                else:
+                    await self.fleet.ready()
+                    if await self.fleet.acquire_lease() is not None:
+                        self.flusher.forget_unsettled()  # the takeover marked those maybe-received
+                    next_pass = 0.0
+                if self.leading and time.monotonic() >= next_pass:
+                    summary = await self.flusher.flush_once()
+                    next_pass = time.monotonic() + self.flusher.next_pass_delay_s(summary)
+                self.lead_error = None
+            except LeaseLost as exc:
+                log.warning("fleet_lease_lost", error=str(exc))
+            except Exception as exc:
+                if self.lead_error is None:
+                    log.warning("fleet_leading_failed", error=str(exc))
+                self.lead_error = f"{type(exc).__name__}: {exc}"
+            wait = renew_every if not self.leading else max(0.05, min(renew_every, next_pass - time.monotonic()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=wait)
+
+    async def shutdown(self, deadline_s: float) -> None:
+        """SIGTERM: ship the whole outbox, give the lease up (the caller stopped the loops first,
+        so a pass under way has finished and settled), and leave. Never seals the fleet's open hour."""
+        try:
+            await asyncio.wait_for(self._ship_and_beat(), timeout=max(0.5, deadline_s))
+        except TimeoutError:
+            log.warning("fleet_final_ship_cut_short", backlog=self.backlog)
+        with contextlib.suppress(Exception):
+            await self.fleet.release_lease()
+        with contextlib.suppress(Exception):
+            await self.fleet.leave()
+        if self.backlog:
+            log.error("fleet_backlog_left_behind", deltas=self.backlog,
+                      note="this member's file still holds unshipped usage; keep it and restart the member")
+
+    def health(self) -> dict[str, Any]:
+        """This member's fleet figures for /healthz."""
+        age = None if self.backlog_since is None else max(0.0, self.clock.now() - self.backlog_since)
+        return {"member_id": self.fleet.member_id, "leader": self.leading, "epoch": self.fleet.epoch,
+                "backlog_deltas": self.backlog, "backlog_age_s": age, "ship_error": self.ship_error,
+                "lead_error": self.lead_error}
+
+
+def member_id_for(settings: Settings, env: Mapping[str, str] | None = None) -> str:
+    """The member id settings give, or the default for this task."""
+    return settings.member_id or default_member_id(env if env is not None else os.environ)
