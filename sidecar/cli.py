@@ -20,7 +20,7 @@ import structlog
 
 from sidecar import logs
 from sidecar.app import present_row
-from sidecar.clock import HOUR_S, Clock, SystemClock, hour_start
+from sidecar.clock import HOUR_S, Clock, SystemClock, clock_from_env, hour_start
 from sidecar.config import DIMENSION_NAME, Settings, load_settings, validate_for_serving
 from sidecar.errors import BadArgument, ConfigError, DatabaseCorrupt, StoreLocked
 from sidecar.events import NDJSON_TYPES, check_items, parse_body
@@ -67,7 +67,11 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         settings = replace(settings, dry_run=True)
     validate_for_serving(settings)
     logs.configure(level=settings.log_level, fmt=settings.log_format)
-    app = create_app(settings, api=metering_client(settings, env))
+    clock = clock_from_env(env)
+    if env.get("SIDECAR_TEST_CLOCK"):
+        structlog.get_logger("sidecar.cli").error("test_clock_in_use", value=env["SIDECAR_TEST_CLOCK"],
+                                                  note="SIDECAR_TEST_CLOCK is for tests and demos: never bill with it")
+    app = create_app(settings, api=metering_client(settings, env), clock=clock)
     web.run_app(app, host=settings.listen_host, port=settings.listen_port, print=None,
                 access_log=None, shutdown_timeout=2.0, handle_signals=True)
     return 0
@@ -97,7 +101,9 @@ def cmd_flush(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.dry_run:
         settings = replace(settings, dry_run=True)
     logs.configure(level=settings.log_level, fmt=settings.log_format)
-    clock = SystemClock()
+    clock = clock_from_env(env)
+    if settings.fleet:
+        return flush_fleet_once(args, settings, env, clock)
     store = open_store(settings, clock=clock)
     try:
         if args.final:  # finish a dead task's file: seal its open hour as SIGTERM would have
@@ -116,6 +122,25 @@ def cmd_flush(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             "usage_left_behind", **left, note="this file still holds unsent usage; keep it until that is resolved")
     print(json.dumps(out, sort_keys=True))
     return 1 if (summary.failed or (args.final and left)) and not settings.dry_run else 0
+
+
+def flush_fleet_once(args: argparse.Namespace, settings: Settings, env: Mapping[str, str], clock: Clock) -> int:
+    """`flush --once [--final]` with SIDECAR_FLEET_URL: the fleet's store sends (see fleet.flush_fleet)."""
+    from sidecar.fleet import flush_fleet
+
+    local = open_store(settings, clock=clock) if settings.db_path.exists() else None
+    try:
+        summary, left = _await(flush_fleet(settings, metering_client(settings, env), clock, local=local,
+                                           final=args.final, deadline_s=args.timeout))
+    finally:
+        if local is not None:
+            local.close()
+    out = {**summary.as_dict(), "fleet": True}
+    if left:
+        out["left_behind"] = left
+        structlog.get_logger("sidecar.cli").error("usage_left_behind", **left)
+    print(json.dumps(out, sort_keys=True))
+    return 1 if (summary.failed or left) and not settings.dry_run else 0
 
 
 def cmd_replay(args: argparse.Namespace, env: Mapping[str, str]) -> int:

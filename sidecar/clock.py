@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Protocol
+
+from sidecar.errors import ConfigError
 
 HOUR_S = 3600
 
@@ -35,6 +38,34 @@ class ManualClock:
 
     def advance(self, seconds: float) -> None:
         self._now += seconds
+
+
+class ScaledClock:
+    """A clock that starts at `origin` (epoch s) and runs `factor` times as fast as real time, shared
+    by every process given the same two numbers. For tests and demos of the hour lifecycle only
+    (SIDECAR_TEST_CLOCK): it bills usage in hours that have not happened."""
+
+    def __init__(self, origin: float, factor: float) -> None:
+        self.origin = origin
+        self.factor = factor
+
+    def now(self) -> float:
+        return self.origin + (time.time() - self.origin) * self.factor
+
+
+def clock_from_env(env: Mapping[str, str]) -> Clock:
+    """The system clock, or the ScaledClock SIDECAR_TEST_CLOCK=ORIGIN:FACTOR names (tests, demos)."""
+    value = env.get("SIDECAR_TEST_CLOCK", "").strip()
+    if not value:
+        return SystemClock()
+    origin, sep, factor = value.partition(":")
+    try:
+        clock = ScaledClock(float(origin), float(factor))
+    except ValueError:
+        raise ConfigError("SIDECAR_TEST_CLOCK: must be ORIGIN:FACTOR (epoch seconds and a speed-up)") from None
+    if not sep or clock.factor <= 0:
+        raise ConfigError("SIDECAR_TEST_CLOCK: must be ORIGIN:FACTOR with FACTOR > 0")
+    return clock
 
 
 def hour_start(epoch_s: float) -> int:

@@ -25,10 +25,10 @@ from typing import Any
 
 import structlog
 
-from sidecar.clock import Clock
+from sidecar.clock import HOUR_S, Clock, hour_start
 from sidecar.config import Settings
 from sidecar.errors import FleetUnavailable, LeaseLost, StoreClosed, StoreUnavailable
-from sidecar.flush import Flusher
+from sidecar.flush import Flusher, FlushSummary, MeteringApi
 from sidecar.store.pg import FleetStore
 from sidecar.store.protocol import MeteringStore
 
@@ -52,6 +52,52 @@ def default_member_id(env: Mapping[str, str]) -> str:
         except (OSError, ValueError) as exc:
             log.warning("task_metadata_unreadable", error=str(exc))
     return f"{socket.gethostname()}-{secrets.token_hex(3)}"
+
+
+async def ship_outbox(local: MeteringStore, fleet: FleetStore, clock: Clock, *, max_batches: int = 1000) -> int:
+    """Ship a local outbox in order until it is empty: each batch is one PostgreSQL transaction and
+    is marked shipped locally only after it committed. Returns deltas newly applied."""
+    await fleet.ready()
+    applied = 0
+    for _ in range(max_batches):
+        deltas = await local.outbox_batch(limit=SHIP_BATCH)
+        if not deltas:
+            break
+        applied += await fleet.ship(local.origin, deltas)
+        await local.mark_shipped([d.seq for d in deltas], now=clock.now())
+        if len(deltas) < SHIP_BATCH:
+            break
+    return applied
+
+
+async def flush_fleet(settings: Settings, api: MeteringApi | None, clock: Clock, *, local: MeteringStore | None,
+                      final: bool, deadline_s: float) -> tuple[FlushSummary, dict[str, Any]]:
+    """`sidecar flush --once [--final]` in fleet mode: ship the local file's outbox (a dead member's
+    kept file), take the sender lease (waiting for a live leader to give it up or lose it), with
+    `final` seal every hour including the open one (the whole service is stopping for good), send
+    what is due until the deadline, give the lease back. Returns the summary and what is left."""
+    assert settings.fleet_url is not None
+    fleet = await FleetStore.open(settings.fleet_url, settings=settings, clock=clock,
+                                  member_id=f"flush-{member_id_for(settings)}")
+    try:
+        if local is not None:
+            await ship_outbox(local, fleet, clock)
+        end = time.monotonic() + deadline_s
+        while await fleet.acquire_lease() is None:
+            if time.monotonic() > end:
+                raise LeaseLost("another member holds the sender lease; stop the service first (--final)"
+                                " or let its leader send")
+            await asyncio.sleep(1.0)
+        if final:
+            await fleet.seal_through(hour_start(clock.now()) + HOUR_S)
+        summary = await Flusher(fleet, api, settings, clock).drain(deadline_s=max(1.0, end - time.monotonic()))
+        return summary, await fleet.left_behind(final=final)
+    finally:
+        with contextlib.suppress(Exception):
+            await fleet.release_lease()
+        with contextlib.suppress(Exception):
+            await fleet.leave()
+        await fleet.close()
 
 
 class Member:
@@ -81,16 +127,7 @@ class Member:
     async def ship_once(self, *, max_batches: int = 1000) -> int:
         """Ship the outbox in order until it is empty; returns deltas newly applied in PostgreSQL."""
         async with self._ship_lock:
-            await self.fleet.ready()
-            applied = 0
-            for _ in range(max_batches):
-                deltas = await self.local.outbox_batch(limit=SHIP_BATCH)
-                if not deltas:
-                    break
-                applied += await self.fleet.ship(self.local.origin, deltas)
-                await self.local.mark_shipped([d.seq for d in deltas], now=self.clock.now())
-                if len(deltas) < SHIP_BATCH:
-                    break
+            applied = await ship_outbox(self.local, self.fleet, self.clock, max_batches=max_batches)
             self.shipped += applied
             return applied
 

@@ -16,6 +16,23 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+_OWNED: dict[str, Any] = {}  # admin URL -> the pgserver we started (restartable)
+
+
+def restart(admin_url: str) -> str:
+    """Restart PostgreSQL under the members' feet: `pg_ctl restart` on a server this kit started;
+    on a given SIDECAR_TEST_PG_URL, every other connection is cut instead. Returns what was done."""
+    srv = _OWNED.get(admin_url)
+    if srv is None:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                         " WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'")
+        return "connections cut"
+    import pgserver
+
+    pgserver.pg_ctl(["-w", "restart", "-m", "fast"], pgdata=srv.pgdata, user=srv.system_user)
+    return "restarted"
+
 
 @contextmanager
 def server() -> Iterator[str]:
@@ -31,9 +48,12 @@ def server() -> Iterator[str]:
         import pgserver  # the PostgreSQL server in a wheel; as root it runs the server as its own user
 
         srv: Any = pgserver.get_server(where, cleanup_mode="stop")
+    url = str(srv.get_uri())
+    _OWNED[url] = srv
     try:
-        yield str(srv.get_uri())
+        yield url
     finally:
+        _OWNED.pop(url, None)
         srv.cleanup()
         shutil.rmtree(where, ignore_errors=True)
 

@@ -536,6 +536,23 @@ class FleetStore:
                 r["payload"] = json.loads(r["payload"])
         return list(rows)
 
+    async def left_behind(self, *, final: bool) -> dict[str, Any]:
+        """What the fleet still owes: open or unmapped buckets (with `final`), records not yet
+        accepted (pending, held) and records an operator must look at; empty when nothing."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT state, count(*) AS n FROM buckets WHERE state IN ('open', 'unmapped')"
+                                     " GROUP BY state")
+            buckets = {r["state"]: int(r["n"]) for r in await cur.fetchall()}
+            cur = await conn.execute("SELECT state, count(*) AS n FROM records WHERE state IN"
+                                     " ('pending', 'held', 'rejected', 'conflict', 'unknown') GROUP BY state")
+            owed = {r["state"]: int(r["n"]) for r in await cur.fetchall()}
+        out: dict[str, Any] = {}
+        if final and buckets:
+            out["open_buckets"] = buckets
+        if owed:
+            out["records"] = owed
+        return out
+
     async def usage(self, f: UsageFilter, *, limit: int = 5000) -> dict[str, Any]:
         """The fleet's buckets in the shape `/usage` and `sidecar usage` show (rows, totals, parked)."""
         where, args = queries.where_sql(f, placeholder="%s")
