@@ -126,8 +126,9 @@ class Load(threading.Thread):
                     body = json.loads(resp.read())
                 assert not body["rejected"], body
                 for e in batch:
-                    self.acked_requests[e["customer"]["customer_identifier"]] += 1
-                    self.acked_tokens[e["customer"]["customer_identifier"]] += e["prompt_tokens"] + e["completion_tokens"]
+                    who = e["customer"]["customer_identifier"]
+                    self.acked_requests[who] += 1
+                    self.acked_tokens[who] += e["prompt_tokens"] + e["completion_tokens"]
                 batch = None
             except urllib.error.HTTPError as exc:
                 if exc.code == 503 and self.member.proc is not None and self.member.proc.poll() is None:
