@@ -114,6 +114,7 @@ class BucketState(StrEnum):
     UNMAPPED = "unmapped"  # a tenant's usage waiting for a mapping; never sealed into a record
     SEALED = "sealed"  # closed; about to be frozen into a record
     DISCARDED = "discarded"  # an operator gave up an unmapped tenant's usage
+    HANDED_OVER = "handed_over"  # fleet mode: moved into the fleet's store when this file joined it
     # A frozen bucket also takes every RecordState value.
 
 

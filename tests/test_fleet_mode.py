@@ -25,8 +25,9 @@ from sidecar.simulator import Simulator
 
 
 def member_settings(db: Path, pg_url: str, member: str, **changes: Any) -> Settings:
+    """A member's settings; tests not about the fleet's birth report its first hour."""
     return replace(Settings(db_path=db, region="us-east-1", product_code=PRODUCT, fleet_url=pg_url,
-                            member_id=member), **changes)
+                            member_id=member, birth_hour="report"), **changes)
 
 
 @asynccontextmanager

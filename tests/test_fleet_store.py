@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -25,8 +27,10 @@ SEALED = H10 + 400  # 09:00 is past its grace
 A = "identifier:cust-a"
 
 
-def settings(tmp_path: Path, **kw: object) -> Settings:
-    return Settings(db_path=tmp_path / "m.db", product_code="prod-f", fleet_url="unused", **kw)  # type: ignore[arg-type]
+def settings(tmp_path: Path, **kw: Any) -> Settings:
+    """A member's settings; tests not about the fleet's birth report its first hour."""
+    return replace(Settings(db_path=tmp_path / "m.db", product_code="prod-f", fleet_url="unused",
+                            birth_hour="report"), **kw)
 
 
 def d(seq: int, *, customer: str = A, dimension: str = "inference-requests", hour: int = H09, raw: int = 1,
@@ -216,3 +220,23 @@ async def test_the_window_rule_carries_or_marks_unknown(fleet: Fleet) -> None:
     clock.set(H09 + 24 * HOUR_S)
     _, closed = await a.prepare_flush(now=clock.now())
     assert closed == {"unknown": 1, "carried": 1}
+
+
+async def test_a_fleet_born_now_does_not_report_its_birth_hour(pg_url: str, tmp_path: Path) -> None:
+    """Moving to fleet mode at 10:02: single-file tasks may have sent 10:00 already, so the new
+    fleet's 10:00 usage goes into 11:00 (carried), as a single-file store's birth does."""
+    clock = ManualClock(T0)
+    a = await FleetStore.open(pg_url, settings=settings(tmp_path, birth_hour="defer"), clock=clock, member_id="a")
+    try:
+        await a.ship("file-a", [d(1, hour=H10, raw=3)])
+        (b,) = await a.buckets()
+        assert (b["hour"], b["raw"], b["carried_in"]) == (H10 + HOUR_S, 3, 3)
+        b2 = await FleetStore.open(pg_url, settings=settings(tmp_path, birth_hour="defer"), clock=clock,
+                                   member_id="b")  # a second member joining does not move the fleet's clock
+        clock.set(T0 + 2 * HOUR_S)
+        await b2.close()
+        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+            cur = await conn.execute("SELECT value FROM meta WHERE key = 'sealed_before'")
+            assert (await cur.fetchone()) == (H10 + HOUR_S,)
+    finally:
+        await a.close()

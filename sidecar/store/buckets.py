@@ -594,6 +594,36 @@ class Buckets:
         outbox.prune(conn, before=now - self.settings.retention_s, limit=limit)  # shipped deltas
         return cur.rowcount
 
+    def hand_over(self, conn: sqlite3.Connection, *, now: float) -> dict[str, int]:
+        """A file joining a fleet (fleet mode on a single-file store's file): records it already
+        froze stay here and finish under the single-file rules (the member sends them itself); its
+        sealed buckets are frozen now; its open and unmapped usage and its remainders go into the
+        outbox, to join the fleet's buckets (the fleet decides which hour is still open)."""
+        frozen = self.freeze(conn, now=now)
+        moved: dict[BucketKey, Delta] = {}
+        rows = conn.execute("SELECT customer, dimension, hour, unit, raw, events, first_event_at FROM buckets"
+                            " WHERE state IN ('open', 'unmapped')").fetchall()
+        for r in rows:
+            moved[(r["customer"], r["dimension"], r["hour"])] = Delta(
+                unit=r["unit"], raw=r["raw"], events=r["events"], first_event_at=r["first_event_at"])
+        conn.execute("UPDATE buckets SET state = 'handed_over' WHERE state IN ('open', 'unmapped')")
+        carried = 0
+        for c in conn.execute("SELECT customer, dimension, raw FROM carries WHERE raw > 0").fetchall():
+            dim = self._dims.get(c["dimension"])
+            if dim is None:
+                continue  # its dimension is gone: the remainder stays here, as a dropped dimension's does
+            key = (c["customer"], c["dimension"], hour_start(now))
+            delta = moved.setdefault(key, Delta(unit=dim.raw_unit, first_event_at=int(now)))
+            delta.raw += c["raw"]
+            conn.execute("UPDATE carries SET raw = 0 WHERE customer = ? AND dimension = ?",
+                         (c["customer"], c["dimension"]))
+            carried += 1
+        outbox.add(conn, moved, now=now)
+        if frozen or rows or carried:
+            log.warning("file_handed_over_to_fleet", records_frozen=frozen, buckets=len(rows), remainders=carried,
+                        note="records frozen before stay in this file and are sent by this member")
+        return {"frozen": frozen, "buckets": len(rows), "remainders": carried}
+
     @property
     def guard(self) -> records.Guard:
         """The guardrails every record is checked against when it is frozen or rebuilt."""

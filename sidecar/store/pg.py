@@ -30,7 +30,7 @@ from psycopg import AsyncConnection, AsyncCursor
 from psycopg.rows import dict_row, tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from sidecar.clock import Clock, hour_start
+from sidecar.clock import HOUR_S, Clock, hour_start
 from sidecar.config import Settings
 from sidecar.errors import FleetUnavailable, LeaseLost
 from sidecar.model import (
@@ -124,12 +124,27 @@ class FleetStore:
             if applied:
                 log.info("fleet_schema_migrated", applied=applied)
         await self.join()
+        await self._birth()
         for tenant, ref in self.settings.customers.items():
             await self.map_tenant(tenant, ref, source="config")
         self._ready = True
 
     async def close(self) -> None:
         await self.pool.close()
+
+    async def _birth(self) -> None:
+        """A fleet born now (its first member on a fresh database) does not report the hour it was
+        born in under `birth_hour = "defer"`: single-file tasks of the same product may already have
+        sent that hour (a deployment moving to fleet mode). Its usage goes into the next hour."""
+        if self.settings.birth_hour != "defer":
+            return
+        first = hour_start(self.clock.now()) + HOUR_S
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("UPDATE meta SET value = %s WHERE key = 'sealed_before' AND value = 0"
+                                     " RETURNING value", (first,))
+            if await cur.fetchone() is not None:
+                log.info("fleet_birth", reports_from_hour=first,
+                         note="usage of the current hour goes into the next hour's record")
 
     # ---- members ------------------------------------------------------------------------------
 

@@ -144,6 +144,11 @@ class MeteringStore(SendingStore, Protocol):
         """Fleet mode: deltas the fleet's PostgreSQL committed."""
         ...
 
+    async def hand_over(self) -> dict[str, int]:
+        """Fleet mode, at a member's start: a single-file store's open usage and remainders join
+        the outbox; its frozen records stay to finish where they are."""
+        ...
+
     async def outbox_backlog(self) -> tuple[int, float | None]:
         """Fleet mode: unshipped deltas and when the oldest was committed."""
         ...

@@ -413,6 +413,11 @@ class Store:
         """Deltas the fleet's PostgreSQL committed."""
         await self.run(functools.partial(outbox.mark_shipped, seqs=seqs, now=now))
 
+    async def hand_over(self) -> dict[str, int]:
+        """Fleet mode, once per file: move what a single-file store left into the outbox (see
+        Buckets.hand_over); records already frozen stay and finish here."""
+        return await self.run(lambda conn: self.rules.hand_over(conn, now=self.clock.now()))
+
     async def outbox_backlog(self) -> tuple[int, float | None]:
         """Unshipped deltas and when the oldest was committed."""
         return await self.run(outbox.backlog)
