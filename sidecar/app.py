@@ -347,15 +347,16 @@ async def fleet_member(app: web.Application, store: MeteringStore, api: Metering
     fleet = await FleetStore.open(settings.fleet_url, settings=settings, clock=clock,
                                   member_id=member_id_for(settings), wait=False)
     app[FLUSHER] = Flusher(fleet, api, settings, clock)
-    member = Member(store, fleet, app[FLUSHER], settings, clock)
+    # A file that served in single-file mode: its open usage joins the fleet, its frozen records
+    # finish here (the member's `legacy` flusher sends them).
+    member = Member(store, fleet, app[FLUSHER], settings, clock, legacy=Flusher(store, api, settings, clock))
     app[MEMBER] = member
-    await store.hand_over()  # a file that served in single-file mode: its open usage joins the fleet
-    legacy = Flusher(store, api, settings, clock)  # and its frozen records finish here
+    await store.hand_over()
     app[METRICS].attach(view=store.view, now=clock.now, flusher=app[FLUSHER], member=member)
     stop_ship, stop_lead, stop_prune = asyncio.Event(), asyncio.Event(), asyncio.Event()
     tasks = [asyncio.create_task(member.shipping_loop(stop_ship), name="shipping"),
              asyncio.create_task(member.leading_loop(stop_lead), name="leading"),
-             asyncio.create_task(local_loop(app, legacy, stop_prune), name="local")] if background else []
+             asyncio.create_task(local_loop(app, member, stop_prune), name="local")] if background else []
     log.info("sidecar_started", db=str(settings.db_path), fleet_member=fleet.member_id, ack=settings.ack,
              dimensions=[d.name for d in settings.dimensions], dry_run=api is None)
     try:
@@ -378,14 +379,14 @@ async def fleet_member(app: web.Application, store: MeteringStore, api: Metering
         log.info("sidecar_stopped")
 
 
-async def local_loop(app: web.Application, legacy: Flusher, stop: asyncio.Event) -> None:
+async def local_loop(app: web.Application, member: Member, stop: asyncio.Event) -> None:
     """Fleet mode's local housekeeping: prune events (kept for dedup) and shipped outbox rows, and
     send the records this file froze before it joined the fleet, if any are left."""
     while not stop.is_set():
         try:
             pending, _ = await app[STORE].pending_summary()
             if pending:
-                await legacy.flush_once()
+                await member.legacy.flush_once()
             app[METRICS].pruned.inc(await app[STORE].prune())
         except (StoreUnavailable, StoreClosed) as exc:
             log.warning("prune_failed", error=str(exc))

@@ -104,10 +104,11 @@ class Member:
     """One sidecar's part in a fleet: its local store, the fleet's store, and the sender it may run."""
 
     def __init__(self, local: MeteringStore, fleet: FleetStore, flusher: Flusher, settings: Settings,
-                 clock: Clock) -> None:
+                 clock: Clock, *, legacy: Flusher) -> None:
         self.local = local
         self.fleet = fleet
-        self.flusher = flusher
+        self.flusher = flusher  # sends the fleet's records while this member leads
+        self.legacy = legacy  # sends the records this file froze before it joined the fleet
         self.settings = settings
         self.clock = clock
         self.ship_error: str | None = None  # the last shipping failure, cleared by the next success

@@ -4,9 +4,11 @@ gets a database of its own. Never skipped: without a server the fleet tests fail
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 _OWNED: dict[str, Any] = {}  # admin URL -> the pgserver we started (restartable)
 
@@ -69,3 +71,71 @@ def database(admin_url: str) -> Iterator[str]:
     finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class Proxy:
+    """A TCP proxy on loopback in front of PostgreSQL (its socket or TCP port), in a thread of its
+    own, that a test can cut (every connection closed, new ones refused) and restore: a network
+    partition between members and their database, whatever server the tests use."""
+
+    def __init__(self, conninfo: str) -> None:
+        info = conninfo_to_dict(conninfo)
+        host, port = str(info.get("host") or "localhost"), int(info.get("port") or 5432)
+        self._target = (None, None, f"{host}/.s.PGSQL.{port}") if host.startswith("/") else (host, port, None)
+        self.cut_now = False
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=10)
+        self.conninfo = make_conninfo(conninfo, host="127.0.0.1", port=str(self.port))
+
+    async def _start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.cut_now:
+            writer.close()
+            return
+        host, port, path = self._target
+        try:
+            if path is not None:
+                up_reader, up_writer = await asyncio.open_unix_connection(path)
+            else:
+                up_reader, up_writer = await asyncio.open_connection(host, port)
+        except OSError:
+            writer.close()
+            return
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+                self._writers.discard(dst)
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def cut(self) -> None:
+        """Close every connection through the proxy and refuse new ones."""
+        async def go() -> None:
+            self.cut_now = True
+            for w in list(self._writers):
+                w.transport.abort()
+            self._writers.clear()
+        asyncio.run_coroutine_threadsafe(go(), self.loop).result(timeout=10)
+
+    def restore(self) -> None:
+        self.cut_now = False
+
+    def close(self) -> None:
+        self.cut()
+        self.server.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)

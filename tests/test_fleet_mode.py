@@ -14,9 +14,9 @@ from typing import Any
 from aiohttp.test_utils import TestClient, TestServer
 from flushkit import PRODUCT
 from helpers import event
-from test_task_replacement import H10, billed, post, simulator
+from test_task_replacement import H10, billed, post, simulator, task, task_settings
 
-from sidecar.app import MEMBER, create_app
+from sidecar.app import MEMBER, STORE, create_app
 from sidecar.clock import HOUR_S, ManualClock
 from sidecar.config import Settings
 from sidecar.fleet import Member
@@ -178,3 +178,32 @@ async def test_members_show_in_healthz_usage_and_metrics(pg_url: str, tmp_path: 
         text = await (await a.get("/metrics")).text()
         assert "sidecar_fleet_backlog_deltas 0.0" in text
         assert 'sidecar_fleet_member_heartbeat_age_seconds{member="task-a"}' in text
+
+
+async def test_moving_a_single_file_deployment_to_fleet_mode(pg_url: str, tmp_path: Path) -> None:
+    """A task ran in single-file mode: 09:00 is frozen (not yet sent), 10:00 is open, 700 tokens
+    are a remainder. It restarts as a fleet member on the same file beside a new member: the 09:00
+    record finishes from the file, the open usage and the remainder join the fleet. Every unit is
+    billed once, no conflict."""
+    db = tmp_path / "old.db"
+    async with simulator() as (sim, url, clock):
+        clock.set(H10 - HOUR_S + 600)  # 09:10
+        async with task(task_settings(db, birth_hour="report"), clock, url) as single:
+            await post(single, [event("s1", when=clock.now(), prompt=1500, completion=200)])
+            clock.set(H10 + 400)  # 10:06: 09:00 seals and freezes; nothing is sent
+            await single.app[STORE].prepare_flush(now=clock.now())
+            await post(single, [event("s2", when=clock.now(), prompt=900, completion=0)])
+        async with member(member_settings(db, pg_url, "old"), clock, url) as old, \
+                member(member_settings(tmp_path / "new.db", pg_url, "new"), clock, url) as new:
+            assert await old.app[STORE].pending_summary() == (2, 0.0)  # its frozen 09:00 records stay
+            await m(old).legacy.flush_once()
+            assert billed(sim) == {H10 - HOUR_S: 1} and billed(sim, "tokens-processed") == {H10 - HOUR_S: 1}
+            await post(new, [event("n1", when=clock.now(), prompt=400, completion=0)])
+            await m(old).ship_once()
+            await m(new).ship_once()
+            clock.set(H10 + HOUR_S + 400)
+            await lead_and_flush(new)
+        # 10:00: s2 and n1 (2 requests); tokens: 700 carried from 09:00 + 900 + 400 = 2,000
+        assert billed(sim) == {H10 - HOUR_S: 1, H10: 2}
+        assert billed(sim, "tokens-processed") == {H10 - HOUR_S: 1, H10: 2}
+        assert conflicts(sim) == 0

@@ -112,6 +112,7 @@ class Load(threading.Thread):
         self.acked_requests: Counter[str] = Counter()
         self.acked_tokens: Counter[str] = Counter()
         self.refused = 0  # batches answered 503 while the member drained (never acknowledged)
+        self.acked_at: list[tuple[float, int]] = []  # (monotonic time of the 2xx, requests in it)
         self.n = 0
 
     def run(self) -> None:
@@ -129,6 +130,7 @@ class Load(threading.Thread):
                     who = e["customer"]["customer_identifier"]
                     self.acked_requests[who] += 1
                     self.acked_tokens[who] += e["prompt_tokens"] + e["completion_tokens"]
+                self.acked_at.append((time.monotonic(), len(batch)))
                 batch = None
             except urllib.error.HTTPError as exc:
                 if exc.code == 503 and self.member.proc is not None and self.member.proc.poll() is None:
