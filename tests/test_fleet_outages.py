@@ -121,7 +121,7 @@ def test_storage_lost_with_a_task(pg_url: str, tmp_path: Path, ack: str) -> None
         for suffix in ("", "-wal", "-shm"):
             Path(f"{doomed.db}{suffix}").unlink(missing_ok=True)
         assert other.terminate(timeout_s=30) == 0
-        final_flush(env, tmp_path)
+        final_flush(other.env, tmp_path)
         billed = sum(billed_requests(sim).values())
         total = sum(load.acked_requests.values())
         safe = sum(n for at, n in load.acked_at if at < killed_at - 2 * SHIP_S)
