@@ -150,6 +150,9 @@ def cmd_replay(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if not args.state and not args.spool:
         raise BadArgument("give --state and/or --spool")
     clock = SystemClock()
+    if settings.fleet and args.state:
+        raise BadArgument("--state: replaying records is not available in fleet mode yet (the fleet's records"
+                          " live in PostgreSQL); --spool imports events into this member's file, which ships them")
     store = open_store(settings, clock=clock, owner=False)
     out: dict[str, Any] = {}
     try:
@@ -190,6 +193,8 @@ def cmd_release(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             raise BadArgument(f"--dimension: {exc}") from None
     elif any("=" in p for p in pairs) or len(pairs) > 1:
         raise BadArgument("--dimension: with --state held give one dimension NAME to filter on")
+    if settings.fleet:
+        return release_in_fleet(args, settings, pairs)
     store = open_store(settings, clock=SystemClock(), owner=False)
     try:
         if args.state == BucketState.UNMAPPED:
@@ -206,6 +211,29 @@ def cmd_release(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     finally:
         store.close()
     print(json.dumps(out, sort_keys=True))
+    return 0
+
+
+def release_in_fleet(args: argparse.Namespace, settings: Settings, pairs: list[str]) -> int:
+    """`release --state held` with SIDECAR_FLEET_URL: the fleet's held records (PostgreSQL)."""
+    if args.state != RecordState.HELD:
+        raise BadArgument(f"--state {args.state}: fleet mode holds such usage as `held` records;"
+                          " use --state held")
+    from sidecar.fleet import member_id_for
+    from sidecar.store.pg import FleetStore
+
+    async def run() -> int:
+        assert settings.fleet_url is not None
+        fleet = await FleetStore.open(settings.fleet_url, settings=settings, clock=SystemClock(),
+                                      member_id=f"cli-{member_id_for(settings)}")
+        try:
+            return await fleet.release_held(customer=args.customer, dimension=pairs[0] if pairs else None,
+                                            record_id=args.record, discard=args.discard)
+        finally:
+            await fleet.close()
+
+    n = _await(run())
+    print(json.dumps({"discarded" if args.discard else "released": n, "fleet": True}, sort_keys=True))
     return 0
 
 

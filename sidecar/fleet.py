@@ -89,7 +89,7 @@ async def flush_fleet(settings: Settings, api: MeteringApi | None, clock: Clock,
                                 " or let its leader send")
             await asyncio.sleep(1.0)
         if final:
-            await fleet.seal_through(hour_start(clock.now()) + HOUR_S)
+            await fleet.seal_through(hour_start(clock.now()) + HOUR_S, final=True)
         summary = await Flusher(fleet, api, settings, clock).drain(deadline_s=max(1.0, end - time.monotonic()))
         return summary, await fleet.left_behind(final=final)
     finally:

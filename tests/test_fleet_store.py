@@ -33,8 +33,9 @@ def settings(tmp_path: Path, **kw: Any) -> Settings:
                             birth_hour="report"), **kw)
 
 
-def d(seq: int, *, customer: str = A, dimension: str = "inference-requests", hour: int = H09, raw: int = 1,
-      unit: int = 1) -> ShippedDelta:
+def d(seq: int, *, customer: str = A, hour: int = H09, raw: int = 1, tokens: bool = False) -> ShippedDelta:
+    """A delta of inference requests (or, with `tokens`, of tokens-processed, unit 1,000)."""
+    dimension, unit = ("tokens-processed", 1000) if tokens else ("inference-requests", 1)
     return ShippedDelta(seq=seq, customer=customer, dimension=dimension, hour=hour, unit=unit, raw=raw,
                         events=raw if dimension == "inference-requests" else 1, first_event_at=hour + 60)
 
@@ -110,10 +111,9 @@ async def test_a_delta_for_a_sealed_hour_goes_to_the_open_hour(fleet: Fleet) -> 
 async def test_remainders_carry_fleet_wide(fleet: Fleet) -> None:
     """Tokens below a unit in one hour (from two members) carry into the next sealed hour."""
     a, b, clock = fleet
-    tok = {"dimension": "tokens-processed", "unit": 1000}
-    await a.ship("file-a", [d(1, raw=700, **tok)])  # type: ignore[arg-type]
-    await b.ship("file-b", [d(1, raw=600, **tok)])  # type: ignore[arg-type]
-    await a.ship("file-a", [d(2, raw=800, hour=H10, **tok)])  # type: ignore[arg-type]
+    await a.ship("file-a", [d(1, raw=700, tokens=True)])
+    await b.ship("file-b", [d(1, raw=600, tokens=True)])
+    await a.ship("file-a", [d(2, raw=800, hour=H10, tokens=True)])
     await a.acquire_lease()
     clock.set(SEALED)
     await a.prepare_flush(now=clock.now())
@@ -240,3 +240,39 @@ async def test_a_fleet_born_now_does_not_report_its_birth_hour(pg_url: str, tmp_
             assert (await cur.fetchone()) == (H10 + HOUR_S,)
     finally:
         await a.close()
+
+
+async def test_guardrails_hold_a_record_until_an_operator_releases_it(pg_url: str, tmp_path: Path) -> None:
+    """The single-file guardrails at freezing, fleet-wide: over the ceiling, held (never claimed);
+    released, it is sent; discarded, it never is."""
+    from sidecar.config import DEFAULT_DIMENSIONS, Dimension
+
+    capped = (DEFAULT_DIMENSIONS[0], Dimension(name="tokens-processed", source="total_tokens", unit=1000,
+                                               max_quantity=5))
+    clock = ManualClock(T0)
+    a = await FleetStore.open(pg_url, settings=settings(tmp_path, dimensions=capped), clock=clock, member_id="a")
+    try:
+        await a.ship("f", [d(1, raw=9000, tokens=True), d(2, customer="identifier:cust-b", raw=9000, tokens=True)])
+        await a.acquire_lease()
+        clock.set(SEALED)
+        await a.prepare_flush(now=clock.now())
+        assert {r["state"] for r in await a.buckets()} == {"held"}
+        assert await a.claim(now=clock.now(), limit=25) == []
+        assert await a.release_held(customer="cust-a") == 1
+        assert await a.release_held(customer="cust-b", discard=True) == 1
+        assert [r.payload["Quantity"] for r in await a.claim(now=clock.now(), limit=25)] == [9]
+        assert {r["customer"]: r["state"] for r in await a.buckets()} == {
+            "identifier:cust-a": "pending", "identifier:cust-b": "discarded"}
+    finally:
+        await a.close()
+
+
+async def test_a_final_seal_settles_remainders(fleet: Fleet) -> None:
+    """flush --once --final: the open hour is sealed and each remainder settled half up."""
+    a, _, _ = fleet
+    await a.ship("f", [d(1, hour=H10, raw=1600, tokens=True),
+                       d(2, customer="identifier:cust-b", hour=H10, raw=1400, tokens=True)])
+    await a.acquire_lease()
+    assert await a.seal_through(H10 + HOUR_S, final=True) == 2
+    got = {r["customer"]: (r["quantity"], r["remainder"]) for r in await a.buckets()}
+    assert got == {"identifier:cust-a": (2, 0), "identifier:cust-b": (1, 400)}

@@ -31,11 +31,12 @@ from psycopg.rows import dict_row, tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from sidecar.clock import HOUR_S, Clock, hour_start
-from sidecar.config import Settings
+from sidecar.config import MAX_QUANTITY, Settings
 from sidecar.errors import FleetUnavailable, LeaseLost
 from sidecar.model import (
     BucketState,
     CustomerRef,
+    HoldOutcome,
     Outcome,
     RecordState,
     is_tenant_key,
@@ -45,7 +46,7 @@ from sidecar.store.db import schema_dir
 from sidecar.store.outbox import ShippedDelta
 from sidecar.store.queries import UsageFilter
 from sidecar.store.records import DueRecord, Settlement
-from sidecar.usage import record_timestamp, sealing_watermark, whole_units
+from sidecar.usage import guardrail, record_timestamp, sealing_watermark, settle_remainder, whole_units
 
 log = structlog.get_logger("sidecar.fleet")
 
@@ -394,7 +395,7 @@ class FleetStore:
 
     async def _freeze(self, conn: AsyncConnection[Any], *, now: float) -> int:
         cur = await conn.execute(
-            "SELECT b.customer, b.dimension, b.hour, b.quantity, b.first_event_at, c.aws_account_id,"
+            "SELECT b.customer, b.dimension, b.hour, b.quantity, b.unit, b.first_event_at, c.aws_account_id,"
             " c.license_arn, c.customer_identifier FROM buckets b JOIN customers c ON c.customer = b.customer"
             " WHERE b.state = 'sealed' ORDER BY b.hour, b.customer, b.dimension FOR UPDATE OF b")
         frozen = 0
@@ -407,22 +408,123 @@ class FleetStore:
                           hint="set SIDECAR_PRODUCT_CODE to send CustomerIdentifier records")
                 continue
             payload, code = built
-            await conn.execute(
+            rule = await self._guardrail(conn, r["customer"], r["dimension"], int(r["hour"]), int(r["quantity"]),
+                                         unit=int(r["unit"]))
+            state = RecordState.PENDING if rule is None else RecordState.HELD
+            cur = await conn.execute(
                 "INSERT INTO records (customer, dimension, hour, timestamp, quantity, customer_identifier,"
-                " product_code, payload, state, created_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,'pending',%s)",
+                " product_code, payload, state, created_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id",
                 (r["customer"], r["dimension"], r["hour"], ts, r["quantity"], r["customer_identifier"], code,
-                 records.payload_json(payload), int(now)))
-            await conn.execute("UPDATE buckets SET state = 'pending' WHERE customer = %s AND dimension = %s"
-                               " AND hour = %s", (r["customer"], r["dimension"], r["hour"]))
+                 records.payload_json(payload), state, int(now)))
+            record_id = int((await _first(cur))["id"])
+            await conn.execute("UPDATE buckets SET state = %s WHERE customer = %s AND dimension = %s"
+                               " AND hour = %s", (state, r["customer"], r["dimension"], r["hour"]))
+            if rule is not None:
+                await conn.execute("INSERT INTO holds (record_id, rule, held_at) VALUES (%s,%s,%s)",
+                                   (record_id, rule, int(now)))
+                log.error("record_held", record=record_id, customer=r["customer"], dimension=r["dimension"],
+                          hour=r["hour"], quantity=r["quantity"], rule=rule,
+                          hint="check it, then `sidecar release --state held` (with SIDECAR_FLEET_URL)")
             frozen += 1
         return frozen
 
-    async def seal_through(self, before: int) -> int:
-        """Seal every open bucket of hours starting before `before` (`flush --once --final`: the
-        whole service is stopping for good)."""
+    async def _guardrail(self, conn: AsyncConnection[Any], customer: str, dimension: str, hour: int,
+                         quantity: int, *, unit: int) -> str | None:
+        """Why a record must be held (the single-file rules: ceiling, spike against what the
+        customer was billed in the last 7 days), or None. Usage of a dimension this release does
+        not configure, or configures with another unit, is held too (fleet mode has no parking)."""
+        dim = self._dims.get(dimension)
+        if dim is None:
+            return f"unconfigured: dimension {dimension!r} is not in the running configuration"
+        if dim.raw_unit != unit:
+            return f"unconfigured: {dimension!r} is configured with {dim.raw_unit} raw units per unit, not {unit}"
+        cur = await conn.execute(
+            "SELECT max(quantity) AS m FROM records WHERE customer = %s AND dimension = %s AND hour >= %s"
+            " AND hour < %s AND state = 'sent'", (customer, dimension, hour - records.HISTORY_S, hour))
+        history = (await _first(cur))["m"]
+        return guardrail(quantity, ceiling=dim.ceiling, floor=dim.floor, spike_factor=self.settings.spike_factor,
+                         history_max=None if history is None else int(history))
+
+    async def seal_through(self, before: int, *, final: bool = False) -> int:
+        """Seal every open bucket of hours starting before `before`; `final` (`flush --once --final`:
+        the whole service is stopping for good) also settles remainders by SIDECAR_SETTLE_REMAINDERS."""
         async with self.pool.connection() as conn, conn.transaction():
             await self._fence(conn)
-            return await self._seal(conn, through=before)
+            n = await self._seal(conn, through=before)
+            if final:
+                await self._settle_remainders(conn)
+            return n
+
+    async def _settle_remainders(self, conn: AsyncConnection[Any]) -> None:
+        """Bill or give up each customer's remainder below one unit, by policy (the single-file rule):
+        the unit goes into the customer's latest sealed bucket, or a new bucket of the last sealed hour."""
+        policy = self.settings.settle_remainders
+        if policy == "keep":
+            return
+        now = int(self.clock.now())
+        last_hour = await self._watermark(conn) - HOUR_S
+        cur = await conn.execute("SELECT customer, dimension, raw FROM carries WHERE raw > 0"
+                                 " AND customer NOT LIKE 'tenant:%%' ORDER BY customer, dimension")
+        for c in await cur.fetchall():
+            dim = self._dims.get(c["dimension"])
+            if dim is None:
+                log.error("remainder_left_unconfigured", customer=c["customer"], dimension=c["dimension"], raw=c["raw"])
+                continue
+            raw = int(c["raw"])
+            units = min(settle_remainder(raw, dim.raw_unit, policy) or 0, MAX_QUANTITY)
+            key = (c["customer"], c["dimension"])
+            cur = await conn.execute("SELECT hour, quantity FROM buckets WHERE customer = %s AND dimension = %s"
+                                     " AND state = 'sealed' ORDER BY hour DESC LIMIT 1", key)
+            target = await cur.fetchone()
+            hour: int | None = None
+            if units and target is not None and int(target["quantity"]) + units <= MAX_QUANTITY:
+                hour = int(target["hour"])
+                await conn.execute("UPDATE buckets SET quantity = quantity + %s, remainder = 0 WHERE customer = %s"
+                                   " AND dimension = %s AND hour = %s", (units, *key, hour))
+            elif units:
+                cur = await conn.execute("SELECT 1 FROM buckets WHERE customer = %s AND dimension = %s AND hour = %s",
+                                         (*key, last_hour))
+                if await cur.fetchone() is not None:
+                    log.warning("remainder_kept", customer=key[0], dimension=key[1], raw=raw)
+                    continue
+                hour = last_hour
+                await conn.execute(
+                    "INSERT INTO buckets (customer, dimension, hour, unit, state, raw, events, carried_in,"
+                    " first_event_at, remainder_in, quantity, remainder, sealed_at)"
+                    " VALUES (%s,%s,%s,%s,'sealed',0,0,0,%s,%s,%s,0,%s)",
+                    (*key, hour, dim.raw_unit, hour, raw, units, now))
+            await conn.execute("UPDATE carries SET raw = 0 WHERE customer = %s AND dimension = %s", key)
+            await conn.execute("INSERT INTO settlements (customer, dimension, hour, raw, unit, units_added, policy, at)"
+                               " VALUES (%s,%s,%s,%s,%s,%s,%s,%s)", (*key, hour, raw, dim.raw_unit, units, policy, now))
+            log.warning("remainder_settled", customer=key[0], dimension=key[1], raw=raw, unit=dim.raw_unit,
+                        billed_units=units, policy=policy)
+
+    async def release_held(self, *, customer: str | None = None, dimension: str | None = None,
+                           record_id: int | None = None, discard: bool = False) -> int:
+        """Send (or discard) records a guardrail held; returns how many (an operator's decision)."""
+        f = queries.UsageFilter(customer=customer, dimension=dimension)
+        where, args = queries.where_sql(f, alias="r", who_only=True, placeholder="%s")
+        where += (" AND " if where else " WHERE ") + "r.state = 'held'"
+        if record_id is not None:
+            where += " AND r.id = %s"
+            args.append(record_id)
+        now = int(self.clock.now())
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(f"SELECT r.id, r.customer, r.dimension, r.hour, r.quantity FROM records r{where}"
+                                     " ORDER BY r.id FOR UPDATE", args)
+            rows = await cur.fetchall()
+            for r in rows:
+                if discard:
+                    await self._set_state(conn, int(r["id"]), RecordState.DISCARDED,
+                                          last_error="held by a guardrail; discarded by operator")
+                else:
+                    await self._set_state(conn, int(r["id"]), RecordState.PENDING, next_attempt_at=0,
+                                          last_error="released by operator")
+                await conn.execute("UPDATE holds SET released_at = %s, outcome = %s WHERE record_id = %s",
+                                   (now, HoldOutcome.DISCARDED if discard else HoldOutcome.RELEASED, r["id"]))
+                log.warning("held_record_discarded" if discard else "held_record_released", record=r["id"],
+                            customer=r["customer"], dimension=r["dimension"], hour=r["hour"], quantity=r["quantity"])
+        return len(rows)
 
     # ---- sending (protocol.SendingStore; leader only, fenced) ------------------------------------
 
