@@ -1,6 +1,6 @@
 """The store contract: what any backend must do, through its domain methods only (no SQL, no
-connection). Parametrised by backend so fleet mode's PostgreSQL store runs the same tests; only
-the single-file SQLite store exists today."""
+connection). Parametrised by backend: the single-file SQLite store, and fleet mode (a member's file
+shipping into a real PostgreSQL, which seals, freezes, holds and settles)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from helpers import T0, event
 from sidecar.clock import HOUR_S, ManualClock, hour_start
 from sidecar.config import DEFAULT_DIMENSIONS, CustomerRef, Dimension, Settings
 from sidecar.events import validate_event
+from sidecar.fleet import ship_outbox
 from sidecar.store import MeteringStore, UsageFilter, open_store
+from sidecar.store.pg import FleetStore, FleetView
 from sidecar.store.protocol import SendingStore
 from sidecar.store.records import DueRecord, Settlement
 
@@ -23,41 +25,87 @@ H10 = hour_start(T0)
 H09 = H10 - HOUR_S
 SEALED = H10 + 400  # 09:00 is past its grace
 
-def sqlite_store(settings: Settings, clock: ManualClock) -> MeteringStore:
+async def sqlite_store(settings: Settings, clock: ManualClock, _: pytest.FixtureRequest) -> Any:
     """The single-file backend."""
     return open_store(settings, clock=clock)
 
 
-BACKENDS = {"sqlite": sqlite_store}
+class FleetBackend:
+    """Fleet mode's store as this contract sees it: a member's file (ingest, dedup, outbox) that
+    ships at once into the fleet's PostgreSQL, which holds the buckets and records; the member holds
+    the sender lease. Built from the product's parts (store.open_store, fleet.ship_outbox,
+    pg.FleetStore, pg.FleetView) on a real PostgreSQL."""
+
+    def __init__(self, local: MeteringStore, fleet: FleetStore, url: str, clock: ManualClock) -> None:
+        self.local, self.fleet, self.clock = local, fleet, clock
+        self.view = FleetView(url)
+
+    async def ingest(self, events: Any) -> Any:
+        result = await self.local.ingest(events)
+        await ship_outbox(self.local, self.fleet, self.clock)
+        return result
+
+    def __getattr__(self, name: str) -> Any:  # sending, mapping, holds, sealing: the fleet's store
+        return getattr(self.fleet, name)
+
+    async def aclose(self) -> None:
+        await self.fleet.release_lease()
+        await self.fleet.close()
+        self.local.close()
+
+
+async def fleet_store(settings: Settings, clock: ManualClock, request: pytest.FixtureRequest) -> Any:
+    """The fleet backend on a real PostgreSQL (a database of its own per test)."""
+    url = request.getfixturevalue("pg_url")
+    member = replace(settings, fleet_url=url, member_id="contract")
+    fleet = await FleetStore.open(url, settings=member, clock=clock, member_id="contract")
+    assert await fleet.acquire_lease() is not None
+    return FleetBackend(open_store(member, clock=clock), fleet, url, clock)
+
+
+BACKENDS = {"sqlite": sqlite_store, "postgresql": fleet_store}
+# What only the single-file store does so far (fleet mode has no parking, rebuilds, unmapped
+# discards, replay or scrape-time figures yet): these run on SQLite alone.
+single_file = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 
 
 class Opened:
     """A store of one backend on a manual clock; `reopen` restarts it on the same data under new
     settings (a new release of the configuration). Unpacks as (store, clock)."""
 
-    def __init__(self, kind: str, settings: Settings, clock: ManualClock) -> None:
-        self.kind, self.settings, self.clock = kind, settings, clock
-        self.store = BACKENDS[kind](settings, clock)
+    def __init__(self, kind: str, settings: Settings, clock: ManualClock, request: pytest.FixtureRequest) -> None:
+        self.kind, self.settings, self.clock, self.request = kind, settings, clock, request
+        self.store: Any = None
+
+    async def open(self) -> Any:
+        self.store = await BACKENDS[self.kind](self.settings, self.clock, self.request)
+        return self.store
+
+    async def close(self) -> None:
+        if isinstance(self.store, FleetBackend):
+            await self.store.aclose()
+        elif self.store is not None:
+            self.store.close()
 
     def __iter__(self) -> Iterator[Any]:
         return iter((self.store, self.clock))
 
-    def reopen(self, **changes: Any) -> MeteringStore:
-        self.store.close()
+    async def reopen(self, **changes: Any) -> Any:
+        await self.close()
         self.settings = replace(self.settings, **changes)
-        self.store = BACKENDS[self.kind](self.settings, self.clock)
-        return self.store
+        return await self.open()
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opened]:
     """A fresh store of each backend on a manual clock at 10:02 (09:00 still within its grace)."""
     opened = Opened(request.param, Settings(db_path=tmp_path / "c.db", birth_hour="report", product_code="prod-c"),
-                    ManualClock(T0))
+                    ManualClock(T0), request)
+    await opened.open()
     try:
         yield opened
     finally:
-        opened.store.close()
+        await opened.close()
 
 
 async def ingest(store: Any, clock: ManualClock, *objs: dict[str, Any]) -> tuple[int, int]:
@@ -163,6 +211,7 @@ async def test_timestamp_refusals_close_records(backend: Opened) -> None:
         "carried", "carried"]
 
 
+@single_file
 async def test_replay_carries_a_conflict(backend: Opened) -> None:
     """replay --state conflict carries the usage into the open hour."""
     store, clock = backend
@@ -186,6 +235,7 @@ async def test_due_now_and_peek(backend: Opened) -> None:
     assert len(await store.claim(now=clock.now(), limit=25)) == 2
 
 
+@single_file
 async def test_health_and_left_behind(backend: Opened) -> None:
     """The read view reports what is owed and what a stopping store leaves behind."""
     store, clock = backend
@@ -207,7 +257,7 @@ def parked(store: Any) -> list[dict[str, Any]]:
 async def test_a_record_over_its_ceiling_is_held_then_released(backend: Opened) -> None:
     """A guardrail holds a record at freezing; release sends it, discard ends it."""
     capped = Dimension(name="tokens-processed", source="total_tokens", unit=1000, max_quantity=5)
-    store = backend.reopen(dimensions=(DEFAULT_DIMENSIONS[0], capped))
+    store = await backend.reopen(dimensions=(DEFAULT_DIMENSIONS[0], capped))
     clock = backend.clock
     await ingest(store, clock, event(1, when=H09 + 60, prompt=9000, completion=0),
                  event(2, when=H09 + 60, customer={"customer_identifier": "cust-b"}, prompt=9000, completion=0))
@@ -224,12 +274,13 @@ async def test_a_record_over_its_ceiling_is_held_then_released(backend: Opened) 
         "identifier:cust-a": "pending", "identifier:cust-b": "discarded"}
 
 
+@single_file
 async def test_usage_of_a_dropped_dimension_is_parked_then_released(backend: Opened) -> None:
     """Open usage of a dimension a release dropped is parked at sealing, never sent, and released
     by an operator into a configured dimension of the same source, with that dimension's unit."""
     store, clock = backend
     await ingest(store, clock, event(1, when=H09 + 60, prompt=1500, completion=0))
-    store = backend.reopen(dimensions=RENAMED)
+    store = await backend.reopen(dimensions=RENAMED)
     clock.set(SEALED)
     await store.prepare_flush(now=clock.now())
     assert [(p["dimension"], p["raw"]) for p in parked(store)] == [("tokens-processed", 1500)]
@@ -243,6 +294,7 @@ async def test_usage_of_a_dropped_dimension_is_parked_then_released(backend: Ope
     assert [(r["hour"], r["carried_in"], r["state"]) for r in moved] == [(H10, 1500, "open")]
 
 
+@single_file
 async def test_a_certainly_refused_record_is_rebuilt_under_the_new_configuration(backend: Opened) -> None:
     """A record AWS refused for an invalid dimension is rebuilt in place (renamed) while its window
     is open; the record AWS accepted is left alone."""
@@ -253,7 +305,7 @@ async def test_a_certainly_refused_record_is_rebuilt_under_the_new_configuration
         Settlement(record=by_dim["inference-requests"].id, outcome="sent", status="Success"),
         Settlement(record=by_dim["tokens-processed"].id, outcome="rejected", status="InvalidUsageDimensionException",
                    error="no such dimension")], now=clock.now())
-    store = backend.reopen(dimensions=RENAMED)
+    store = await backend.reopen(dimensions=RENAMED)
     out = await store.replay(states=["rejected"], rename={"tokens-processed": "tokens-v2"})
     assert out == {"resent": 0, "rebuilt": 1, "carried": 0, "unknown": 0}
     again = await store.claim(now=clock.now(), limit=25)
@@ -261,6 +313,7 @@ async def test_a_certainly_refused_record_is_rebuilt_under_the_new_configuration
         (by_dim["tokens-processed"].id, "tokens-v2", 0)]
 
 
+@single_file
 async def test_unmapped_usage_can_be_discarded(backend: Opened) -> None:
     """An operator gives up a tenant's unmapped usage; it is kept, marked discarded, never sent."""
     store, clock = backend
@@ -274,11 +327,12 @@ async def test_mappings_survive_a_restart(backend: Opened) -> None:
     """A tenant mapped once is billed to its customer after a restart, with no mapping call."""
     store, clock = backend
     await store.map_tenant("acme", CustomerRef(customer_identifier="acme-aws"))
-    store = backend.reopen()
+    store = await backend.reopen()
     await ingest(store, clock, event(1, when=H10 + 30, customer={"tenant": "acme"}))
     assert {(r["customer"], r["state"]) for r in rows(store)} == {("identifier:acme-aws", "open")}
 
 
+@single_file
 async def test_a_final_seal_seals_the_open_hour_and_settles_remainders(backend: Opened) -> None:
     """seal_through(final) closes the open hour (shutdown) and settles what is below a unit."""
     store, clock = backend
@@ -294,6 +348,7 @@ async def test_a_final_seal_seals_the_open_hour_and_settles_remainders(backend: 
         ("tokens-processed", 400, 0)]
 
 
+@single_file
 async def test_prune_forgets_only_old_events(backend: Opened) -> None:
     """Event rows past retention go; younger ones (dedup, open hours) stay."""
     store, clock = backend
@@ -304,6 +359,7 @@ async def test_prune_forgets_only_old_events(backend: Opened) -> None:
     assert await store.prune() == 1
 
 
+@single_file
 def test_every_backend_has_the_whole_protocol(backend: Opened) -> None:
     """Each backend's store has every method of MeteringStore (mypy checks the signatures)."""
     wanted = {n for n in dir(MeteringStore) if not n.startswith("_")}

@@ -37,7 +37,12 @@ def migrate_store(settings: Settings) -> tuple[str, list[str]]:
 
 
 def open_view(settings: Settings) -> UsageReader:
-    """Read-only access to the store `settings` name (works with the daemon down)."""
+    """Read-only access to the store `settings` name (works with the daemon down): the fleet's
+    PostgreSQL in fleet mode, else the SQLite file."""
+    if settings.fleet_url is not None:
+        from sidecar.store.pg import FleetView  # psycopg: fleet mode only
+
+        return FleetView(settings.fleet_url)
     return UsageView.of(settings)
 
 

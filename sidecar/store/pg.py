@@ -672,20 +672,81 @@ class FleetStore:
 
     async def usage(self, f: UsageFilter, *, limit: int = 5000) -> dict[str, Any]:
         """The fleet's buckets in the shape `/usage` and `sidecar usage` show (rows, totals, parked)."""
-        where, args = queries.where_sql(f, placeholder="%s")
+        rows_q, totals_q, carries_q = _usage_queries(f, limit)
         async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT b.*, r.id AS record_id, r.timestamp AS record_timestamp, r.attempts, r.aws_status,"
-                " r.metering_record_id, r.last_error, r.sent_at, NULL AS hold_rule FROM buckets b"
-                " LEFT JOIN records r ON (r.customer, r.dimension, r.hour) = (b.customer, b.dimension, b.hour)"
-                f"{where} ORDER BY b.hour DESC, b.customer, b.dimension LIMIT %s", [*args, limit])
-            rows = [dict(r) for r in await cur.fetchall()]
-            cur = await conn.execute(
-                "SELECT b.customer, b.dimension, b.state, sum(b.raw)::bigint AS raw,"
-                " sum(b.quantity)::bigint AS quantity, sum(b.events)::bigint AS events, max(b.unit) AS unit"
-                f" FROM buckets b{where} GROUP BY b.customer, b.dimension, b.state", args)
-            grouped = await cur.fetchall()
-            carry_where, carry_args = queries.where_sql(f, alias="c", who_only=True, placeholder="%s")
-            cur = await conn.execute(f"SELECT c.customer, c.dimension, c.raw FROM carries c{carry_where}", carry_args)
-            carries = {(r["customer"], r["dimension"]): int(r["raw"]) for r in await cur.fetchall()}
+            rows = [dict(r) for r in await (await conn.execute(*rows_q)).fetchall()]
+            grouped = await (await conn.execute(*totals_q)).fetchall()
+            carry_rows = await (await conn.execute(*carries_q)).fetchall()
+        carries = {(r["customer"], r["dimension"]): int(r["raw"]) for r in carry_rows}
         return {"rows": rows, "totals": queries.totals_from(grouped, carries), "parked": []}
+
+
+Query = tuple[Any, list[Any]]
+
+
+def _usage_queries(f: UsageFilter, limit: int) -> tuple[Query, Query, Query]:
+    """The three reads behind a usage view: bucket rows with their records, sums by state, carries."""
+    where, args = queries.where_sql(f, placeholder="%s")
+    carry_where, carry_args = queries.where_sql(f, alias="c", who_only=True, placeholder="%s")
+    rows = ("SELECT b.*, r.id AS record_id, r.timestamp AS record_timestamp, r.attempts, r.aws_status,"
+            " r.metering_record_id, r.last_error, r.sent_at, h.rule AS hold_rule FROM buckets b"
+            " LEFT JOIN records r ON (r.customer, r.dimension, r.hour) = (b.customer, b.dimension, b.hour)"
+            " LEFT JOIN holds h ON h.record_id = r.id AND r.state = 'held'"
+            f"{where} ORDER BY b.hour DESC, b.customer, b.dimension LIMIT %s", [*args, limit])
+    totals = ("SELECT b.customer, b.dimension, b.state, sum(b.raw)::bigint AS raw, sum(b.quantity)::bigint AS quantity,"
+              f" sum(b.events)::bigint AS events, max(b.unit) AS unit FROM buckets b{where}"
+              " GROUP BY b.customer, b.dimension, b.state", args)
+    carries = (f"SELECT c.customer, c.dimension, c.raw FROM carries c{carry_where}", carry_args)
+    return rows, totals, carries
+
+
+class FleetView:
+    """Read-only figures of a fleet's PostgreSQL (`UsageReader`), on a short connection per read, for
+    the CLI (`sidecar usage` with SIDECAR_FLEET_URL) and any tool that reads while the fleet runs."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+
+    def _connect(self) -> psycopg.Connection[dict[str, Any]]:
+        return psycopg.connect(self._url, autocommit=True, row_factory=dict_row, connect_timeout=5)
+
+    def exists(self) -> bool:
+        return True
+
+    def usage(self, f: UsageFilter, *, limit: int = 5000, health_at: float | None = None) -> dict[str, Any]:
+        rows_q, totals_q, carries_q = _usage_queries(f, limit)
+        with self._connect() as conn:
+            rows = [dict(r) for r in conn.execute(*rows_q).fetchall()]
+            grouped = conn.execute(*totals_q).fetchall()
+            carries = {(r["customer"], r["dimension"]): int(r["raw"]) for r in conn.execute(*carries_q).fetchall()}
+            data: dict[str, Any] = {"rows": rows, "totals": queries.totals_from(grouped, carries), "parked": []}
+        if health_at is not None:
+            data["health"] = self.health(health_at)
+        return data
+
+    def health(self, now: float) -> dict[str, Any]:
+        with self._connect() as conn:
+            held = conn.execute("SELECT count(*) AS n FROM records WHERE state = 'held'").fetchone()
+            oldest = conn.execute("SELECT min(hour) AS h FROM buckets WHERE state IN ('sealed', 'pending', 'held')"
+                                  ).fetchone()
+            members = conn.execute(
+                "SELECT member_id, extract(epoch FROM now() - heartbeat_at)::float AS heartbeat_age_s, backlog,"
+                " stopped_at IS NOT NULL AS stopped FROM members ORDER BY member_id").fetchall()
+        h = None if oldest is None else oldest["h"]
+        return {"held_records": int(held["n"]) if held else 0,
+                "oldest_pending_age_s": None if h is None else max(0.0, now - (int(h) + HOUR_S)),
+                "unconfigured": None, "unmapped": None, "members": [dict(m) for m in members]}
+
+    def left_behind(self, now: float) -> dict[str, Any]:
+        with self._connect() as conn:
+            owed = conn.execute("SELECT state, count(*) AS n FROM records WHERE state IN"
+                                " ('pending', 'held', 'rejected', 'conflict', 'unknown') GROUP BY state").fetchall()
+        return {"records": {r["state"]: int(r["n"]) for r in owed}} if owed else {}
+
+    def open_buckets(self) -> int:
+        with self._connect() as conn:
+            row = conn.execute("SELECT count(*) AS n FROM buckets WHERE state = 'open'").fetchone()
+        return int(row["n"]) if row else 0
+
+    def figures(self, now: float) -> dict[str, Any] | None:
+        return None
