@@ -46,7 +46,7 @@ from sidecar.store.db import schema_dir
 from sidecar.store.outbox import ShippedDelta
 from sidecar.store.queries import UsageFilter
 from sidecar.store.records import DueRecord, Settlement
-from sidecar.usage import guardrail, record_timestamp, sealing_watermark, settle_remainder, whole_units
+from sidecar.usage import guardrail, record_timestamp, sealing_watermark, settle_remainder
 
 log = structlog.get_logger("sidecar.fleet")
 
@@ -366,39 +366,47 @@ class FleetStore:
         return int((await _first(cur))["value"])
 
     async def _seal(self, conn: AsyncConnection[Any], *, through: int | None = None) -> int:
+        """Seal due hours, set-based: one statement per hour (oldest first, since an hour's remainder
+        is the next hour's `remainder_in`) seals every open bucket of it and carries its remainders."""
         now = self.clock.now()
         cur = await conn.execute("SELECT value FROM meta WHERE key = 'sealed_before' FOR UPDATE")
         stored = int((await _first(cur))["value"])
         watermark = max(sealing_watermark(now, self.settings.hour_grace_s, stored), through or 0)
-        cur = await conn.execute(
-            "SELECT customer, dimension, hour, raw, unit FROM buckets WHERE state = 'open' AND hour < %s"
-            " ORDER BY hour, customer, dimension FOR UPDATE", (watermark,))
-        rows = await cur.fetchall()
-        for r in rows:
-            cur = await conn.execute("SELECT raw FROM carries WHERE customer = %s AND dimension = %s",
-                                     (r["customer"], r["dimension"]))
-            carry_row = await cur.fetchone()
-            carry = int(carry_row["raw"]) if carry_row else 0
-            quantity, remainder = whole_units(int(r["raw"]), carry, int(r["unit"]))
-            await conn.execute(
-                "UPDATE buckets SET state = 'sealed', remainder_in = %s, quantity = %s, remainder = %s,"
-                " sealed_at = %s WHERE customer = %s AND dimension = %s AND hour = %s",
-                (carry, quantity, remainder, int(now), r["customer"], r["dimension"], r["hour"]))
-            await conn.execute(
-                "INSERT INTO carries (customer, dimension, raw) VALUES (%s,%s,%s)"
+        cur = await conn.execute("SELECT DISTINCT hour FROM buckets WHERE state = 'open' AND hour < %s ORDER BY hour",
+                                 (watermark,))
+        sealed = 0
+        for hour in [int(r["hour"]) for r in await cur.fetchall()]:
+            cur = await conn.execute(
+                "WITH due AS (SELECT b.customer, b.dimension, coalesce(c.raw, 0) AS carry FROM buckets b"
+                "   LEFT JOIN carries c ON (c.customer, c.dimension) = (b.customer, b.dimension)"
+                "   WHERE b.state = 'open' AND b.hour = %(h)s),"
+                " done AS (UPDATE buckets b SET state = 'sealed', remainder_in = due.carry,"
+                "   quantity = least((b.raw + due.carry) / b.unit, %(max)s),"
+                "   remainder = b.raw + due.carry - least((b.raw + due.carry) / b.unit, %(max)s) * b.unit,"
+                "   sealed_at = %(now)s FROM due WHERE (b.customer, b.dimension, b.hour) ="
+                "   (due.customer, due.dimension, %(h)s) AND b.state = 'open'"
+                "   RETURNING b.customer, b.dimension, b.remainder)"
+                " INSERT INTO carries (customer, dimension, raw) SELECT customer, dimension, remainder FROM done"
                 " ON CONFLICT (customer, dimension) DO UPDATE SET raw = excluded.raw",
-                (r["customer"], r["dimension"], remainder))
+                {"h": hour, "max": MAX_QUANTITY, "now": int(now)})
+            sealed += cur.rowcount
         await conn.execute("UPDATE meta SET value = %s WHERE key = 'sealed_before'", (watermark,))
-        if rows:
-            log.info("fleet_hours_sealed", buckets=len(rows), sealed_before=watermark)
-        return len(rows)
+        if sealed:
+            log.info("fleet_hours_sealed", buckets=sealed, sealed_before=watermark)
+        return sealed
 
     async def _freeze(self, conn: AsyncConnection[Any], *, now: float) -> int:
+        """Freeze every sealed bucket into one record (pending, or held by a guardrail), in bulk."""
         cur = await conn.execute(
             "SELECT b.customer, b.dimension, b.hour, b.quantity, b.unit, b.first_event_at, c.aws_account_id,"
-            " c.license_arn, c.customer_identifier FROM buckets b JOIN customers c ON c.customer = b.customer"
-            " WHERE b.state = 'sealed' ORDER BY b.hour, b.customer, b.dimension FOR UPDATE OF b")
-        frozen = 0
+            " c.license_arn, c.customer_identifier,"
+            " (SELECT max(r.quantity) FROM records r WHERE (r.customer, r.dimension) = (b.customer, b.dimension)"
+            "   AND r.hour >= b.hour - %s AND r.hour < b.hour AND r.state = 'sent') AS history"
+            " FROM buckets b JOIN customers c ON c.customer = b.customer"
+            " WHERE b.state = 'sealed' ORDER BY b.hour, b.customer, b.dimension FOR UPDATE OF b",
+            (records.HISTORY_S,))
+        rows: list[tuple[Any, ...]] = []
+        held: list[tuple[str, str, int, int, str]] = []
         for r in await cur.fetchall():
             ts = record_timestamp(int(r["hour"]), int(r["first_event_at"]))
             built = records.build_payload(r, dimension=r["dimension"], quantity=int(r["quantity"]), timestamp=ts,
@@ -408,42 +416,45 @@ class FleetStore:
                           hint="set SIDECAR_PRODUCT_CODE to send CustomerIdentifier records")
                 continue
             payload, code = built
-            rule = await self._guardrail(conn, r["customer"], r["dimension"], int(r["hour"]), int(r["quantity"]),
-                                         unit=int(r["unit"]))
+            rule = self._guardrail(r["dimension"], int(r["quantity"]), unit=int(r["unit"]),
+                                   history=None if r["history"] is None else int(r["history"]))
             state = RecordState.PENDING if rule is None else RecordState.HELD
-            cur = await conn.execute(
-                "INSERT INTO records (customer, dimension, hour, timestamp, quantity, customer_identifier,"
-                " product_code, payload, state, created_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING id",
-                (r["customer"], r["dimension"], r["hour"], ts, r["quantity"], r["customer_identifier"], code,
-                 records.payload_json(payload), state, int(now)))
-            record_id = int((await _first(cur))["id"])
-            await conn.execute("UPDATE buckets SET state = %s WHERE customer = %s AND dimension = %s"
-                               " AND hour = %s", (state, r["customer"], r["dimension"], r["hour"]))
+            rows.append((r["customer"], r["dimension"], r["hour"], ts, r["quantity"], r["customer_identifier"], code,
+                         records.payload_json(payload), state, int(now)))
             if rule is not None:
-                await conn.execute("INSERT INTO holds (record_id, rule, held_at) VALUES (%s,%s,%s)",
-                                   (record_id, rule, int(now)))
-                log.error("record_held", record=record_id, customer=r["customer"], dimension=r["dimension"],
-                          hour=r["hour"], quantity=r["quantity"], rule=rule,
-                          hint="check it, then `sidecar release --state held` (with SIDECAR_FLEET_URL)")
-            frozen += 1
-        return frozen
+                held.append((r["customer"], r["dimension"], int(r["hour"]), int(r["quantity"]), rule))
+        if not rows:
+            return 0
+        async with conn.cursor() as wcur:
+            await wcur.executemany(
+                "INSERT INTO records (customer, dimension, hour, timestamp, quantity, customer_identifier,"
+                " product_code, payload, state, created_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)", rows)
+        await conn.execute(
+            "UPDATE buckets b SET state = r.state FROM records r WHERE b.state = 'sealed'"
+            " AND (r.customer, r.dimension, r.hour) = (b.customer, b.dimension, b.hour)")
+        for customer, dimension, hour, quantity, rule in held:
+            cur = await conn.execute(
+                "INSERT INTO holds (record_id, rule, held_at) SELECT id, %s, %s FROM records"
+                " WHERE (customer, dimension, hour) = (%s, %s, %s) RETURNING record_id",
+                (rule, int(now), customer, dimension, hour))
+            record_id = (await _first(cur))["record_id"]
+            log.error("record_held", record=record_id, customer=customer, dimension=dimension, hour=hour,
+                      quantity=quantity, rule=rule,
+                      hint="check it, then `sidecar release --state held` (with SIDECAR_FLEET_URL)")
+        return len(rows)
 
-    async def _guardrail(self, conn: AsyncConnection[Any], customer: str, dimension: str, hour: int,
-                         quantity: int, *, unit: int) -> str | None:
-        """Why a record must be held (the single-file rules: ceiling, spike against what the
-        customer was billed in the last 7 days), or None. Usage of a dimension this release does
-        not configure, or configures with another unit, is held too (fleet mode has no parking)."""
+    def _guardrail(self, dimension: str, quantity: int, *, unit: int, history: int | None) -> str | None:
+        """Why a record must be held (the single-file rules: ceiling, spike against the most the
+        customer was billed in an hour of the last 7 days, `history`), or None. Usage of a dimension
+        this release does not configure, or configures with another unit, is held too (fleet mode
+        has no parking)."""
         dim = self._dims.get(dimension)
         if dim is None:
             return f"unconfigured: dimension {dimension!r} is not in the running configuration"
         if dim.raw_unit != unit:
             return f"unconfigured: {dimension!r} is configured with {dim.raw_unit} raw units per unit, not {unit}"
-        cur = await conn.execute(
-            "SELECT max(quantity) AS m FROM records WHERE customer = %s AND dimension = %s AND hour >= %s"
-            " AND hour < %s AND state = 'sent'", (customer, dimension, hour - records.HISTORY_S, hour))
-        history = (await _first(cur))["m"]
         return guardrail(quantity, ceiling=dim.ceiling, floor=dim.floor, spike_factor=self.settings.spike_factor,
-                         history_max=None if history is None else int(history))
+                         history_max=history)
 
     async def seal_through(self, before: int, *, final: bool = False) -> int:
         """Seal every open bucket of hours starting before `before`; `final` (`flush --once --final`:
