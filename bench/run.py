@@ -15,18 +15,16 @@ import json
 import os
 import platform
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.fleet import bench_fleet
 from bench.loadgen import have_wrk, run_batch_load, run_load
+from bench.procs import free_port, sidecar_env, start, stop, wait_http
 from sidecar import logs
 from sidecar.clock import HOUR_S, ManualClock, hour_start
 from sidecar.config import Dimension, Settings
@@ -40,45 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {
     "ingest_vs_baseline": 0.6, "ingest_p99_ms": 20.0, "batch_events_per_s": 100_000,
     "batch_vs_storage": 0.5, "flush_rate_ratio": 0.95, "peak_rss_mb": 100.0, "startup_1m_s": 2.0,
+    "fleet_ingest_ratio": 0.9, "fleet_ship_deltas_per_s": 20_000, "fleet_leader_pass_s": 10.0,
+    "fleet_failover_over_ttl_s": 2.0,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_http(url: str, timeout_s: float = 60.0) -> float:
-    """Seconds until `url` answers."""
-    started = time.perf_counter()
-    while time.perf_counter() - started < timeout_s:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return time.perf_counter() - started
-        except OSError:
-            time.sleep(0.01)
-    raise TimeoutError(url)
-
-
-def sidecar_env(db: Path, port: int, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SIDECAR_", "AWS_"))}
-    env.update({"SIDECAR_DB": str(db), "SIDECAR_LISTEN": f"127.0.0.1:{port}", "SIDECAR_LOG_LEVEL": "warning",
-                "SIDECAR_LOG_FORMAT": "json", "SIDECAR_FLUSH_INTERVAL_S": "3600", "SIDECAR_DRY_RUN": "true",
-                "SIDECAR_MAX_EVENT_AGE_S": str(10 * 24 * 3600), **(extra or {})})
-    return env
-
-
-def start(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -274,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         results["flush"] = bench_flush(args, tmp)
         results["startup"] = bench_startup(args, tmp)
         results["retention"] = bench_retention(args, tmp)
+        results["fleet"] = bench_fleet(args, tmp)
     h, s, f, u = results["http"], results["storage"], results["flush"], results["startup"]
     best_batch = max(v["events_per_s"] for k, v in h.items() if k.startswith("batch_"))
     ratios = {
@@ -284,9 +247,14 @@ def main(argv: list[str] | None = None) -> int:
         "flush_rate_ratio": f["calls_per_s"] / f["configured_calls_per_s"],
         "peak_rss_mb": h["peak_rss_mb"],
         "startup_1m_s": u["seconds"],
+        "fleet_ingest_ratio": results["fleet"]["ingest"]["ratio"],
+        "fleet_ship_deltas_per_s": results["fleet"]["shipping"]["deltas_per_s"],
+        "fleet_leader_pass_s": results["fleet"]["leader_pass"]["seconds"],
+        "fleet_failover_over_ttl_s": results["fleet"]["failover"]["seconds"] - results["fleet"]["failover"]["lease_s"],
     }
     results["ratios"] = ratios
-    lower_is_better = {"ingest_p99_ms", "peak_rss_mb", "startup_1m_s"}
+    lower_is_better = {"ingest_p99_ms", "peak_rss_mb", "startup_1m_s", "fleet_leader_pass_s",
+                       "fleet_failover_over_ttl_s"}
     rows = [
         ("baseline: bare aiohttp, single POSTs, 64 conns", f"{h['baseline']['rps']:,.0f} req/s",
          f"p50 {h['baseline']['p50_ms']:.2f} ms, p99 {h['baseline']['p99_ms']:.2f} ms"),
@@ -306,6 +274,19 @@ def main(argv: list[str] | None = None) -> int:
         ("footprint: database bytes per stored event", f"{h['db_bytes_per_event']:.0f} B",
          f"{h['events_stored']:,} events"),
         (f"start-up with {u['events']:,} stored events", f"{u['seconds']:.2f} s", f"DB {u['db_bytes'] / 1e6:.0f} MB"),
+    ]
+    fl = results["fleet"]
+    rows += [
+        ("fleet: ingest on one member vs single-file", f"{fl['ingest']['ratio']:.2f}x",
+         f"{fl['ingest']['fleet_events_per_s']:,.0f} vs {fl['ingest']['single_events_per_s']:,.0f} ev/s"
+         " (100-event bodies, 4 posters)"),
+        (f"fleet: shipping, {fl['shipping']['members']} members into PostgreSQL",
+         f"{fl['shipping']['deltas_per_s']:,.0f} deltas/s", f"{fl['shipping']['deltas']:,} deltas"),
+        (f"fleet: leader pass over {fl['leader_pass']['buckets']:,} due buckets",
+         f"{fl['leader_pass']['seconds']:.2f} s",
+         f"seal + freeze, {fl['leader_pass']['frozen']:,} records"),
+        ("fleet: failover after the leader dies", f"{fl['failover']['seconds']:.2f} s",
+         f"lease TTL {fl['failover']['lease_s']:.0f} s"),
     ]
     series = results["retention"]["series"]
     rows.append((f"retention: {results['retention']['events_per_hour']:,} events/h, keep 2 h",
