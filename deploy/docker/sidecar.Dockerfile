@@ -9,8 +9,9 @@ COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
 COPY server ./server
 COPY schema ./schema
-# A regular (non-editable) wheel of the project, dependencies included, for the runtime stage.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# A regular (non-editable) wheel of the project with its fleet extra (psycopg, for SIDECAR_FLEET_URL),
+# dependencies included, for the runtime stage.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[fleet]'
 
 FROM python:3.11-slim
 ARG UID=10001
@@ -19,7 +20,7 @@ RUN groupadd --system --gid "${UID}" sidecar \
  && mkdir -p /data \
  && chown sidecar:sidecar /data
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links /wheels vllm-marketplace-sidecar \
+    pip install --no-cache-dir --no-index --find-links /wheels 'vllm-marketplace-sidecar[fleet]' \
  && sidecar --help >/dev/null
 
 # The database lives on a volume. A new named volume takes /data's owner from the image, so the

@@ -53,7 +53,7 @@ def test_compose_file_validates() -> None:
     cmd = compose_command()
     if cmd is None:
         pytest.skip("neither the docker compose plugin nor docker-compose is installed")
-    for profile in ("cpu", "gpu"):
+    for profile in ("cpu", "gpu", "fleet"):
         result = subprocess.run([*cmd, "-f", str(COMPOSE), "--profile", profile, "config", "-q"],
                                 capture_output=True, text=True, check=False, cwd=ROOT)
         assert result.returncode == 0, f"profile {profile}: {result.stderr}"
@@ -138,6 +138,34 @@ def test_iam_policy_allows_only_batch_meter_usage() -> None:
         actions += [value] if isinstance(value, str) else value
         assert "NotAction" not in statement
     assert actions == ["aws-marketplace:BatchMeterUsage"]
+
+
+def test_fleet_deployment_files() -> None:
+    """Fleet mode: compose runs PostgreSQL and two members with their own files and ids; ECS runs at
+    least two tasks with the database URL from Secrets Manager and a stop timeout covering the final
+    ship and the lease hand-over; the image carries the fleet extra; the members' dimensions load."""
+    yaml = pytest.importorskip("yaml")
+    services = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))["services"]
+    members = [services["member-a"], services["member-b"]]
+    assert {s["environment"]["SIDECAR_MEMBER_ID"] for s in members} == {"member-a", "member-b"}
+    for m in members:
+        assert m["environment"]["SIDECAR_FLEET_URL"].startswith("postgresql://")
+        assert m["depends_on"]["postgres"]["condition"] == "service_healthy"
+        assert m["environment"]["SIDECAR_TOKEN"]  # members listen off loopback
+    assert members[0]["volumes"][0] != members[1]["volumes"][0]  # one file per member
+    task = load_json(ROOT / "deploy" / "ecs" / "fleet-task-definition.json")
+    sidecar = next(c for c in task["containerDefinitions"] if c["name"] == "sidecar")
+    assert [s["name"] for s in sidecar["secrets"]] == ["SIDECAR_FLEET_URL"]
+    assert "secretsmanager" in sidecar["secrets"][0]["valueFrom"]
+    assert sidecar["stopTimeout"] >= SHUTDOWN_DEADLINE_S + 10
+    service = load_json(ROOT / "deploy" / "ecs" / "fleet-service.json")
+    assert service["desiredCount"] >= 2
+    assert "[fleet]" in SIDECAR_DOCKERFILE.read_text(encoding="utf-8")
+    from sidecar.config import load_settings, validate_for_fleet
+
+    settings = load_settings({"SIDECAR_CONFIG": str(ROOT / "deploy" / "fleet" / "fleet.toml"),
+                              "SIDECAR_FLEET_URL": "postgresql://x@y/z"})
+    validate_for_fleet(settings)
 
 
 def test_dockerfiles_follow_the_deployment_contract() -> None:
