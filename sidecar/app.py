@@ -273,8 +273,10 @@ async def get_healthz(request: web.Request) -> web.Response:
             "ingest_error": ingest_error or None, **facts}
     if MEMBER in request.app:
         member = request.app[MEMBER]
-        body["fleet"] = {**member.health(), "members": member.members_seen}  # as of the last heartbeat
-        if member.ship_error or member.lead_error:
+        figures = member.fleet_figures  # as of the last heartbeat
+        body["fleet"] = {**member.health(), "members": member.members_seen, **figures}
+        if member.ship_error or member.lead_error or figures.get("held_records") or \
+                figures.get("unconfigured_raw_by_dimension"):
             body["status"] = "degraded" if writable else body["status"]
     if problem:
         body["error"] = problem

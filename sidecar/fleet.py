@@ -117,6 +117,7 @@ class Member:
         self.backlog_since: float | None = None
         self.lead_error: str | None = None  # the last leading failure, cleared by the next success
         self.members_seen: list[dict[str, Any]] = []  # every member, as last read from PostgreSQL
+        self.fleet_figures: dict[str, Any] = {}  # the fleet's alarms, as last read (FleetStore.figures)
         self._ship_lock = asyncio.Lock()
         self._ship_failed_at = 0.0  # monotonic time of the last failed shipment
         self._next_ship: asyncio.Future[None] | None = None  # callers waiting for the next shipment
@@ -178,6 +179,7 @@ class Member:
         with contextlib.suppress(Exception):
             await self.fleet.heartbeat(backlog=self.backlog, backlog_since=self.backlog_since)
             self.members_seen = await self.fleet.members()
+            self.fleet_figures = await self.fleet.figures()
 
     async def shipping_loop(self, stop: asyncio.Event) -> None:
         """Ship every SIDECAR_SHIP_INTERVAL_S until told to stop."""

@@ -276,3 +276,22 @@ async def test_a_final_seal_settles_remainders(fleet: Fleet) -> None:
     assert await a.seal_through(H10 + HOUR_S, final=True) == 2
     got = {r["customer"]: (r["quantity"], r["remainder"]) for r in await a.buckets()}
     assert got == {"identifier:cust-a": (2, 0), "identifier:cust-b": (1, 400)}
+
+
+async def test_members_that_disagree_on_a_unit_never_mix_it(fleet: Fleet) -> None:
+    """A rolling deployment changed tokens-processed from 1,000 to 100 tokens per unit: the old
+    release's member ships 1,500 tokens measured at 1,000, the new one 700 at 100. The bucket keeps
+    one unit; the other usage is parked (visible, never sent) and shipping never gets stuck."""
+    a, b, _clock = fleet
+    old = ShippedDelta(seq=1, customer=A, dimension="tokens-processed", hour=H10, unit=1000, raw=1500, events=1,
+                       first_event_at=H10)
+    new = ShippedDelta(seq=1, customer=A, dimension="tokens-processed", hour=H10, unit=100, raw=700, events=1,
+                       first_event_at=H10)
+    assert await a.ship("old-file", [old]) == 1
+    assert await b.ship("new-file", [new]) == 1
+    (bucket,) = await a.buckets()
+    assert (bucket["unit"], bucket["raw"]) == (1000, 1500)
+    figures = await a.figures()
+    assert figures["unconfigured_raw_by_dimension"] == {"tokens-processed": 700}
+    assert await b.ship("new-file", [new, replace(new, seq=2, raw=5)]) == 1  # later shipments go through
+    assert (await a.figures())["unconfigured_raw_by_dimension"] == {"tokens-processed": 705}

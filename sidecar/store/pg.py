@@ -20,7 +20,7 @@ advisory transaction lock so that members starting together are safe.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -201,23 +201,21 @@ class FleetStore:
                                " WHERE origin = %s", (max(fresh), self.member_id, origin))
             tenants = await self._tenant_map(conn, {d.customer for d in deltas if is_tenant_key(d.customer)})
             open_hour = max(hour_start(now), stored)
-            sums: dict[tuple[str, str, int], list[int]] = {}
+            sums: dict[tuple[str, str, int, int], list[int]] = {}  # (customer, dim, hour, unit) -> sums
             for d in deltas:
                 if d.seq not in fresh:
                     continue
-                customer = tenants.get(d.customer, d.customer)
                 late = d.hour < stored
-                key = (customer, d.dimension, open_hour if late else d.hour)
-                s = sums.setdefault(key, [d.unit, 0, 0, 0, d.first_event_at])
-                if s[0] != d.unit:
-                    raise ValueError(f"{d.dimension}: deltas with units {s[0]} and {d.unit} in one bucket")
-                s[1] += d.raw
-                s[2] += d.events
-                s[3] += d.raw if late else 0
-                s[4] = min(s[4], d.first_event_at)
-            await self._ensure_customers(conn, {c for c, _, _ in sums})
-            rows = [(c, dim, h, s[0], BucketState.UNMAPPED if is_tenant_key(c) else BucketState.OPEN,
-                     s[1], s[2], s[3], s[4]) for (c, dim, h), s in sorted(sums.items())]
+                key = (tenants.get(d.customer, d.customer), d.dimension, open_hour if late else d.hour, d.unit)
+                s = sums.setdefault(key, [0, 0, 0, d.first_event_at])
+                s[0] += d.raw
+                s[1] += d.events
+                s[2] += d.raw if late else 0
+                s[3] = min(s[3], d.first_event_at)
+            await self._ensure_customers(conn, {k[0] for k in sums})
+            keep, park = await self._one_unit_per_bucket(conn, sums)
+            rows = [(c, dim, h, unit, BucketState.UNMAPPED if is_tenant_key(c) else BucketState.OPEN, *sums[k])
+                    for k in keep for (c, dim, h, unit) in [k]]
             async with conn.cursor() as wcur:
                 await wcur.executemany(
                     "INSERT INTO buckets (customer, dimension, hour, unit, state, raw, events, carried_in,"
@@ -227,15 +225,44 @@ class FleetStore:
                     " carried_in = buckets.carried_in + excluded.carried_in,"
                     " first_event_at = least(buckets.first_event_at, excluded.first_event_at)"
                     " WHERE buckets.state IN ('open', 'unmapped') AND buckets.unit = excluded.unit", rows)
-            # Every row must have landed in an open bucket; anything else would lose usage silently.
-            check = await conn.execute(
-                "SELECT count(*) AS n FROM buckets WHERE (customer, dimension, hour) IN"
-                " (SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[]))"
-                " AND state IN ('open', 'unmapped')",
-                ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]))
-            if int((await check.fetchone())["n"]) != len(rows):
-                raise RuntimeError("refusing to add usage to a sealed bucket or with another unit")
+                if wcur.rowcount != len(rows):  # an upsert that changed nothing would lose usage silently
+                    raise RuntimeError("refusing to add usage to a sealed bucket")
+                await wcur.executemany(
+                    "INSERT INTO parked (customer, dimension, hour, unit, raw, events, first_event_at, reason,"
+                    " parked_at, state) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,'unconfigured')",
+                    [(*k, *sums[k][:2], sums[k][3], why, int(now)) for k, why in park.items()])
+            for (c, dim, h, unit), why in park.items():
+                log.error("usage_parked", customer=c, dimension=dim, hour=h, unit=unit, raw=sums[(c, dim, h, unit)][0],
+                          reason=why, hint="the fleet's members disagree on this dimension's unit; finish the rollout")
         return len(fresh)
+
+    async def _one_unit_per_bucket(self, conn: AsyncConnection[Any], sums: Mapping[tuple[str, str, int, int], Any]
+                                   ) -> tuple[list[tuple[str, str, int, int]], dict[tuple[str, str, int, int], str]]:
+        """Which new sums go into buckets and which are parked: a bucket keeps the unit it has (or,
+        new, the unit this member configures, else the first seen); usage measured with another
+        unit (members of two releases that disagree on a dimension's unit) is parked, never mixed."""
+        keys = sorted(sums)
+        cur = await conn.execute(
+            "SELECT customer, dimension, hour, unit FROM buckets WHERE (customer, dimension, hour) IN"
+            " (SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[]))",
+            ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]))
+        unit_of = {(r["customer"], r["dimension"], int(r["hour"])): int(r["unit"]) for r in await cur.fetchall()}
+        offered: dict[tuple[str, str, int], set[int]] = {}
+        for c, dim, h, unit in keys:
+            offered.setdefault((c, dim, h), set()).add(unit)
+        for (c, dim, h), units in offered.items():
+            if (c, dim, h) not in unit_of:  # a new bucket: this release's unit if offered, else the smallest
+                mine = self._dims.get(dim)
+                unit_of[(c, dim, h)] = mine.raw_unit if mine is not None and mine.raw_unit in units else min(units)
+        keep: list[tuple[str, str, int, int]] = []
+        park: dict[tuple[str, str, int, int], str] = {}
+        for c, dim, h, unit in keys:
+            if unit_of[(c, dim, h)] == unit:
+                keep.append((c, dim, h, unit))
+            else:
+                park[(c, dim, h, unit)] = (f"dimension {dim!r}: this usage was measured with {unit} raw units per"
+                                           f" unit; its bucket has {unit_of[(c, dim, h)]}")
+        return keep, park
 
     async def _tenant_map(self, conn: AsyncConnection[Any], keys: Iterable[str]) -> dict[str, str]:
         names = [k.split(":", 1)[1] for k in keys]
@@ -664,6 +691,23 @@ class FleetStore:
                 r["payload"] = json.loads(r["payload"])
         return list(rows)
 
+    async def figures(self) -> dict[str, Any]:
+        """The fleet-wide alarms every member shows: held records, parked usage, the oldest usage
+        still owed to AWS, and records an operator must look at."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT state, count(*) AS n FROM records WHERE state IN"
+                                     " ('held', 'rejected', 'conflict', 'unknown', 'expired') GROUP BY state")
+            attention = {r["state"]: int(r["n"]) for r in await cur.fetchall()}
+            cur = await conn.execute("SELECT dimension, sum(raw)::bigint AS raw FROM parked"
+                                     " WHERE state = 'unconfigured' GROUP BY dimension ORDER BY dimension")
+            parked = {r["dimension"]: int(r["raw"]) for r in await cur.fetchall()}
+            cur = await conn.execute("SELECT min(hour) AS h FROM buckets WHERE state IN ('sealed', 'pending', 'held')")
+            oldest = (await _first(cur))["h"]
+        now = self.clock.now()
+        return {"held_records": attention.pop("held", 0), "needs_operator": attention,
+                "unconfigured_raw_by_dimension": parked,
+                "oldest_pending_age_s": None if oldest is None else max(0.0, now - (int(oldest) + HOUR_S))}
+
     async def left_behind(self, *, final: bool) -> dict[str, Any]:
         """What the fleet still owes: open or unmapped buckets (with `final`), records not yet
         accepted (pending, held) and records an operator must look at; empty when nothing."""
@@ -743,10 +787,14 @@ class FleetView:
             members = conn.execute(
                 "SELECT member_id, extract(epoch FROM now() - heartbeat_at)::float AS heartbeat_age_s, backlog,"
                 " stopped_at IS NOT NULL AS stopped FROM members ORDER BY member_id").fetchall()
+            parked = conn.execute("SELECT dimension, count(*) AS n, sum(raw)::bigint AS raw FROM parked"
+                                  " WHERE state = 'unconfigured' GROUP BY dimension ORDER BY dimension").fetchall()
         h = None if oldest is None else oldest["h"]
+        unconfigured = {"rows": sum(int(r["n"]) for r in parked),
+                        "raw_by_dimension": {r["dimension"]: int(r["raw"]) for r in parked}} if parked else None
         return {"held_records": int(held["n"]) if held else 0,
                 "oldest_pending_age_s": None if h is None else max(0.0, now - (int(h) + HOUR_S)),
-                "unconfigured": None, "unmapped": None, "members": [dict(m) for m in members]}
+                "unconfigured": unconfigured, "unmapped": None, "members": [dict(m) for m in members]}
 
     def left_behind(self, now: float) -> dict[str, Any]:
         with self._connect() as conn:
