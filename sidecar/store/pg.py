@@ -403,16 +403,17 @@ class FleetStore:
                                  (watermark,))
         sealed = 0
         for hour in [int(r["hour"]) for r in await cur.fetchall()]:
+            # Each bucket's carry joins by primary key (no self-join: linear in the hour's buckets);
+            # the sealing UPDATE then reads that remainder_in as the row's old value.
+            await conn.execute(
+                "UPDATE buckets b SET remainder_in = c.raw FROM carries c WHERE b.state = 'open' AND b.hour = %s"
+                " AND (c.customer, c.dimension) = (b.customer, b.dimension)", (hour,))
             cur = await conn.execute(
-                "WITH due AS (SELECT b.customer, b.dimension, coalesce(c.raw, 0) AS carry FROM buckets b"
-                "   LEFT JOIN carries c ON (c.customer, c.dimension) = (b.customer, b.dimension)"
-                "   WHERE b.state = 'open' AND b.hour = %(h)s),"
-                " done AS (UPDATE buckets b SET state = 'sealed', remainder_in = due.carry,"
-                "   quantity = least((b.raw + due.carry) / b.unit, %(max)s),"
-                "   remainder = b.raw + due.carry - least((b.raw + due.carry) / b.unit, %(max)s) * b.unit,"
-                "   sealed_at = %(now)s FROM due WHERE (b.customer, b.dimension, b.hour) ="
-                "   (due.customer, due.dimension, %(h)s) AND b.state = 'open'"
-                "   RETURNING b.customer, b.dimension, b.remainder)"
+                "WITH done AS (UPDATE buckets SET state = 'sealed', remainder_in = coalesce(remainder_in, 0),"
+                "   quantity = least((raw + coalesce(remainder_in, 0)) / unit, %(max)s),"
+                "   remainder = raw + coalesce(remainder_in, 0) - least((raw + coalesce(remainder_in, 0)) / unit,"
+                "   %(max)s) * unit, sealed_at = %(now)s WHERE state = 'open' AND hour = %(h)s"
+                "   RETURNING customer, dimension, remainder)"
                 " INSERT INTO carries (customer, dimension, raw) SELECT customer, dimension, remainder FROM done"
                 " ON CONFLICT (customer, dimension) DO UPDATE SET raw = excluded.raw",
                 {"h": hour, "max": MAX_QUANTITY, "now": int(now)})
