@@ -1,7 +1,8 @@
 -- Fleet mode: the usage of each ingest transaction, per (customer, dimension, event hour), waiting
 -- to be shipped to the fleet's PostgreSQL. Written in the same transaction as the events, so an
--- acknowledged event's usage is either here or shipped. `seq` is never reused (AUTOINCREMENT): with
--- the file's origin id (meta `origin`) it makes each delta's shipment idempotent.
+-- acknowledged event's usage is either here or shipped; a row is deleted once PostgreSQL committed
+-- it. `seq` is never reused (AUTOINCREMENT): with the file's origin id (meta `origin`) it makes each
+-- delta's shipment idempotent.
 CREATE TABLE IF NOT EXISTS outbox (
     seq             INTEGER PRIMARY KEY AUTOINCREMENT,
     customer        TEXT NOT NULL,
@@ -11,7 +12,5 @@ CREATE TABLE IF NOT EXISTS outbox (
     raw             INTEGER NOT NULL,
     events          INTEGER NOT NULL,
     first_event_at  INTEGER NOT NULL,
-    created_at      REAL NOT NULL,
-    shipped_at      INTEGER
+    created_at      REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS outbox_unshipped ON outbox (shipped_at, seq);

@@ -279,16 +279,23 @@ USAGE_COLUMNS = ("hour", "customer", "dimension", "state", "events", "raw", "car
 
 
 def cmd_usage(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    """Print usage straight from the database file (works while the daemon is down)."""
+    """Print usage straight from the database file, or in fleet mode from the fleet's PostgreSQL
+    with every member (works while the daemon is down)."""
     settings = _settings(args, env)
     filt = UsageFilter(customer=args.customer, dimension=args.dimension, state=args.state,
                                  since=args.since, until=args.until)
-    data = open_view(settings).usage(filt, limit=args.limit)
+    view = open_view(settings)
+    data = view.usage(filt, limit=args.limit)
     rows = [present_row(r) for r in data["rows"]]
     totals = data["totals"]
     parked = [present_row(r) for r in data["parked"]]
+    # Fleet mode: every member with its heartbeat age and unshipped backlog, from PostgreSQL.
+    members = view.health(SystemClock().now()).get("members", []) if settings.fleet else []
     if args.json:
-        json.dump({"rows": rows, "totals": totals, "parked": parked}, sys.stdout, indent=2)
+        out: dict[str, Any] = {"rows": rows, "totals": totals, "parked": parked}
+        if settings.fleet:
+            out["members"] = members
+        json.dump(out, sys.stdout, indent=2, default=str)
         print()
         return 0
     table = [[("" if r.get(c) is None else str(r.get(c))) for c in USAGE_COLUMNS] for r in rows]
@@ -304,6 +311,9 @@ def cmd_usage(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     for p in parked:
         print(f"UNCONFIGURED (parked, not sent) {p['customer']} {p['dimension']}: raw={p['raw']} "
               f"unit_raw={p['unit_raw']} from hour {p['hour']}: {p['reason']}")
+    for m in members:
+        state = "stopped" if m["stopped"] else f"heartbeat {m['heartbeat_age_s']:.0f} s ago"
+        print(f"member {m['member_id']}: {state}, {m['backlog']} delta(s) not shipped")
     return 0
 
 

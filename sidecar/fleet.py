@@ -64,7 +64,7 @@ async def ship_outbox(local: MeteringStore, fleet: FleetStore, clock: Clock, *, 
         if not deltas:
             break
         applied += await fleet.ship(local.origin, deltas)
-        await local.mark_shipped([d.seq for d in deltas], now=clock.now())
+        await local.mark_shipped(deltas[-1].seq)
         if len(deltas) < SHIP_BATCH:
             break
     return applied

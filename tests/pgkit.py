@@ -107,6 +107,10 @@ class Proxy:
         except OSError:
             writer.close()
             return
+        if self.cut_now:  # cut while connecting
+            writer.transport.abort()
+            up_writer.transport.abort()
+            return
         self._writers |= {writer, up_writer}
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
@@ -135,7 +139,18 @@ class Proxy:
         self.cut_now = False
 
     def close(self) -> None:
-        self.cut()
-        self.server.close()
+        """Close every connection and the listener, finish the pipes, stop the thread's loop."""
+        async def shutdown() -> None:
+            self.cut_now = True
+            self.server.close()
+            for w in list(self._writers):
+                w.transport.abort()
+            await self.server.wait_closed()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+        self.loop.close()

@@ -4,6 +4,8 @@ test (ship, lead, flush) so every step is deterministic."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,12 +13,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from flushkit import PRODUCT
 from helpers import event
 from test_task_replacement import H10, billed, post, simulator, task, task_settings
 
 from sidecar.app import MEMBER, STORE, create_app
+from sidecar.cli import main
 from sidecar.clock import HOUR_S, ManualClock
 from sidecar.config import Settings
 from sidecar.fleet import Member
@@ -207,3 +211,24 @@ async def test_moving_a_single_file_deployment_to_fleet_mode(pg_url: str, tmp_pa
         assert billed(sim) == {H10 - HOUR_S: 1, H10: 2}
         assert billed(sim, "tokens-processed") == {H10 - HOUR_S: 1, H10: 2}
         assert conflicts(sim) == 0
+
+
+async def test_the_cli_reads_the_fleet(pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`sidecar usage` with SIDECAR_FLEET_URL shows the fleet's buckets and every member; `release
+    --state held` acts on the fleet's held records; `replay --state` says it is single-file only."""
+    async with simulator() as (_sim, url, clock), \
+            member(member_settings(tmp_path / "a.db", pg_url, "task-a"), clock, url) as a:
+        clock.set(H10 + 600)
+        await post(a, [event("e1", when=clock.now())])
+        await m(a)._ship_and_beat()
+        env = {"SIDECAR_FLEET_URL": pg_url, "SIDECAR_DB": str(tmp_path / "cli.db")}
+        capsys.readouterr()
+        assert await asyncio.to_thread(main, ["usage", "--json"], env) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert {(r["customer"], r["dimension"], r["raw"]) for r in out["rows"]} == {
+            ("identifier:cust-a", "inference-requests", 1), ("identifier:cust-a", "tokens-processed", 15)}
+        assert [x["member_id"] for x in out["members"]] == ["task-a"]
+        assert await asyncio.to_thread(main, ["release", "--state", "held"], env) == 0
+        assert json.loads(capsys.readouterr().out) == {"fleet": True, "released": 0}
+        assert await asyncio.to_thread(main, ["replay", "--state", "rejected"], env) == 2
+        assert "fleet mode" in capsys.readouterr().err

@@ -126,11 +126,14 @@ def test_storage_lost_with_a_task(pg_url: str, tmp_path: Path, ack: str) -> None
         total = sum(load.acked_requests.values())
         safe = sum(n for at, n in load.acked_at if at < killed_at - 2 * SHIP_S)
         assert sim.conflicts() == 0
+        # The batch in flight at the kill may have been stored (and shipped) without its answer
+        # reaching the reporter: billed, never acknowledged. So at most one batch (20) above.
         if ack == "fleet":
-            assert billed == total
+            assert total <= billed <= total + 20
         else:
-            assert safe <= billed <= total
-        print(f"storage lost, ack={ack}: {total} acknowledged, {billed} billed, {total - billed} lost"
+            assert safe <= billed <= total + 20
+        print(f"storage lost, ack={ack}: {len(load.errors)} ack=fleet 503s retried {load.errors[:3]};"
+              f" {total} acknowledged, {billed} billed, {total - billed} lost"
               f" (at most {total - safe} acknowledged within two ship intervals of the kill)")
     finally:
         load.stop_flag.set()

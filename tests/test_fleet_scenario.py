@@ -96,6 +96,7 @@ class SimulatorThread:
         self.call(self.runner.cleanup())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+        self.loop.close()
 
 
 class Load(threading.Thread):
@@ -113,6 +114,7 @@ class Load(threading.Thread):
         self.acked_tokens: Counter[str] = Counter()
         self.refused = 0  # batches answered 503 while the member drained (never acknowledged)
         self.acked_at: list[tuple[float, int]] = []  # (monotonic time of the 2xx, requests in it)
+        self.errors: list[str] = []  # 503s of SIDECAR_ACK=fleet (retried, as the reporter does)
         self.n = 0
 
     def run(self) -> None:
@@ -133,7 +135,10 @@ class Load(threading.Thread):
                 self.acked_at.append((time.monotonic(), len(batch)))
                 batch = None
             except urllib.error.HTTPError as exc:
-                if exc.code == 503 and self.member.proc is not None and self.member.proc.poll() is None:
+                body = json.loads(exc.read() or b"{}")
+                if exc.code == 503 and "stored_locally" in body:
+                    self.errors.append(body["error"])  # SIDECAR_ACK=fleet: not acknowledged yet; retry it
+                elif exc.code == 503 and self.member.proc is not None and self.member.proc.poll() is None:
                     self.refused += 1  # draining: this task is going away, the batch was never acked
                     batch = None
                 time.sleep(0.2)

@@ -591,7 +591,6 @@ class Buckets:
             "DELETE FROM engine_intervals WHERE event_id IN (SELECT event_id FROM engine_intervals"
             " WHERE end_us < ? AND pending_from_us >= end_us LIMIT ?)",
             (round((now - self.settings.max_event_age_s - PRUNE_MARGIN_S) * 1_000_000), limit))
-        outbox.prune(conn, before=now - self.settings.retention_s, limit=limit)  # shipped deltas
         return cur.rowcount
 
     def hand_over(self, conn: sqlite3.Connection, *, now: float) -> dict[str, int]:

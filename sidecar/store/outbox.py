@@ -2,15 +2,16 @@
 
 `add` runs inside the ingest transaction (the writer thread's), so an acknowledged event's usage is
 in the outbox or already shipped. `batch`, `mark_shipped` and `backlog` run in transactions of their
-own. A delta is identified fleet-wide by the file's origin (a random id made when the file was
-created; a new file after lost storage gets a new one) and its `seq`, which is never reused.
+own. Shipped deltas are deleted at once: the table holds exactly what is owed to PostgreSQL. A delta
+is identified fleet-wide by the file's origin (a random id made when the file was created; a new
+file after lost storage gets a new one) and its `seq`, which is never reused.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sidecar.usage import BucketKey, Delta
@@ -51,26 +52,21 @@ def add(conn: sqlite3.Connection, deltas: Mapping[BucketKey, Delta], *, now: flo
 
 
 def batch(conn: sqlite3.Connection, *, limit: int) -> list[ShippedDelta]:
-    """The oldest unshipped deltas, in order."""
+    """The oldest unshipped deltas, in order (every row in the table is unshipped)."""
     return [ShippedDelta(seq=r[0], customer=r[1], dimension=r[2], hour=r[3], unit=r[4], raw=r[5], events=r[6],
                          first_event_at=r[7])
             for r in conn.execute(
                 "SELECT seq, customer, dimension, hour, unit, raw, events, first_event_at FROM outbox"
-                " WHERE shipped_at IS NULL ORDER BY seq LIMIT ?", (limit,))]
+                " ORDER BY seq LIMIT ?", (limit,))]
 
 
-def mark_shipped(conn: sqlite3.Connection, seqs: Sequence[int], *, now: float) -> None:
-    """After PostgreSQL committed them: never shipped again (shipping again would change nothing)."""
-    conn.executemany("UPDATE outbox SET shipped_at = ? WHERE seq = ?", [(int(now), s) for s in seqs])
+def mark_shipped(conn: sqlite3.Connection, through: int) -> int:
+    """After PostgreSQL committed every delta up to `through` (a batch is a prefix of the outbox, in
+    order): forget them, in one statement. AUTOINCREMENT never hands their seqs out again."""
+    return conn.execute("DELETE FROM outbox WHERE seq <= ?", (through,)).rowcount
 
 
 def backlog(conn: sqlite3.Connection) -> tuple[int, float | None]:
     """Unshipped deltas and the time the oldest was committed."""
-    row = conn.execute("SELECT count(*), min(created_at) FROM outbox WHERE shipped_at IS NULL").fetchone()
+    row = conn.execute("SELECT count(*), min(created_at) FROM outbox").fetchone()
     return int(row[0]), row[1]
-
-
-def prune(conn: sqlite3.Connection, *, before: float, limit: int) -> int:
-    """Forget shipped deltas older than `before` (AUTOINCREMENT keeps their seqs unused)."""
-    return conn.execute("DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE shipped_at IS NOT NULL"
-                        " AND shipped_at < ? LIMIT ?)", (int(before), limit)).rowcount

@@ -140,8 +140,8 @@ class MeteringStore(SendingStore, Protocol):
         """Fleet mode: the oldest usage deltas not yet shipped, in order."""
         ...
 
-    async def mark_shipped(self, seqs: Sequence[int], *, now: float) -> None:
-        """Fleet mode: deltas the fleet's PostgreSQL committed."""
+    async def mark_shipped(self, through: int) -> None:
+        """Fleet mode: the fleet's PostgreSQL committed every delta up to seq `through`."""
         ...
 
     async def hand_over(self) -> dict[str, int]:

@@ -409,9 +409,9 @@ class Store:
         """The oldest unshipped usage deltas, in order."""
         return await self.run(functools.partial(outbox.batch, limit=limit))
 
-    async def mark_shipped(self, seqs: Sequence[int], *, now: float) -> None:
-        """Deltas the fleet's PostgreSQL committed."""
-        await self.run(functools.partial(outbox.mark_shipped, seqs=seqs, now=now))
+    async def mark_shipped(self, through: int) -> None:
+        """The fleet's PostgreSQL committed every delta up to seq `through`."""
+        await self.run(functools.partial(outbox.mark_shipped, through=through))
 
     async def hand_over(self) -> dict[str, int]:
         """Fleet mode, once per file: move what a single-file store left into the outbox (see
