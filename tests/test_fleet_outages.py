@@ -34,7 +34,7 @@ def final_flush(env: dict[str, str], tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "sidecar", "flush", "--once", "--final", "--timeout", "60"],
                           env={**env, "SIDECAR_DB": str(tmp_path / "final.db")}, capture_output=True, text=True,
                           timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def acked(loads: list[Load]) -> Counter[str]:

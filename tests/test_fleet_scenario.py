@@ -144,7 +144,7 @@ class Load(threading.Thread):
                 time.sleep(0.2)
             except (urllib.error.URLError, OSError):
                 time.sleep(0.2)  # the member is down: keep the batch and retry it (same event ids)
-            time.sleep(0.02)
+            time.sleep(0.05)  # leave the GIL to the simulator thread in this process
 
     def _event(self) -> dict[str, Any]:
         self.n += 1
@@ -211,7 +211,12 @@ def run_scenario(admin_url: str, url: str, tmp_path: Path) -> None:
         live = ["m2", "m3", "m4"]
         wait_for(lambda: any(health(members[n])["fleet"]["leader"] for n in live), 20, "a leader")
         leader = next(n for n in live if health(members[n])["fleet"]["leader"])
-        wait_for(lambda: sim.in_flight > 0, 60, "a call in flight")
+        try:
+            wait_for(lambda: sim.in_flight > 0, 90, "a call in flight")
+        except TimeoutError:
+            raise AssertionError(f"no call in flight in 90 s; calls so far {sim.calls_started};"
+                                 f" leader {leader}: {health(members[leader])['fleet']};"
+                                 f" log tail: {members[leader].log()[-3000:]}") from None
         members[leader].kill()
         killed_at, started = time.monotonic(), sim.calls_started
         wait_for(lambda: sim.calls_started > started, LEASE_S + 5, "a call from the next leader")
