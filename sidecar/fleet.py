@@ -70,6 +70,19 @@ async def ship_outbox(local: MeteringStore, fleet: FleetStore, clock: Clock, *, 
     return applied
 
 
+async def keep_lease(fleet: FleetStore, done: asyncio.Event) -> None:
+    """Renew the sender lease every third of its TTL while this member holds it, until `done`."""
+    every = fleet.settings.lease_s / 3
+    while not done.is_set():
+        if fleet.epoch is not None:
+            try:
+                await fleet.renew_lease()
+            except Exception as exc:  # PostgreSQL unreachable: the lease runs out, another member takes over
+                log.warning("fleet_lease_renewal_failed", error=str(exc))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), timeout=every)
+
+
 async def flush_fleet(settings: Settings, api: MeteringApi | None, clock: Clock, *, local: MeteringStore | None,
                       final: bool, deadline_s: float) -> tuple[FlushSummary, dict[str, Any]]:
     """`sidecar flush --once [--final]` in fleet mode: ship the local file's outbox (a dead member's
@@ -88,9 +101,15 @@ async def flush_fleet(settings: Settings, api: MeteringApi | None, clock: Clock,
                 raise LeaseLost("another member holds the sender lease; stop the service first (--final)"
                                 " or let its leader send")
             await asyncio.sleep(1.0)
-        if final:
-            await fleet.seal_through(hour_start(clock.now()) + HOUR_S, final=True)
-        summary = await Flusher(fleet, api, settings, clock).drain(deadline_s=max(1.0, end - time.monotonic()))
+        done = asyncio.Event()
+        renewer = asyncio.create_task(keep_lease(fleet, done))  # a long drain keeps the lease
+        try:
+            if final:
+                await fleet.seal_through(hour_start(clock.now()) + HOUR_S, final=True)
+            summary = await Flusher(fleet, api, settings, clock).drain(deadline_s=max(1.0, end - time.monotonic()))
+        finally:
+            done.set()
+            await renewer
         return summary, await fleet.left_behind(final=final)
     finally:
         with contextlib.suppress(Exception):
@@ -192,31 +211,37 @@ class Member:
                 await asyncio.wait_for(stop.wait(), timeout=self.settings.ship_interval_s)
 
     async def leading_loop(self, stop: asyncio.Event) -> None:
-        """Hold (or wait for) the sender lease; while holding it, run a flush pass when one is due."""
+        """Hold (or wait for) the sender lease; while holding it, run a flush pass when one is due.
+        The lease is renewed by a task of its own, so a pass longer than the TTL (a large backlog
+        at 10 calls/s) keeps it."""
         renew_every = self.settings.lease_s / 3
         next_pass = 0.0
-        while not stop.is_set():
-            try:
-                if self.leading:
-                    await self.fleet.renew_lease()
-                else:
-                    await self.fleet.ready()
-                    if await self.fleet.acquire_lease() is not None:
-                        self.flusher.forget_unsettled()  # the takeover marked those maybe-received
-                    next_pass = 0.0
-                if self.leading and time.monotonic() >= next_pass:
-                    summary = await self.flusher.flush_once()
-                    next_pass = time.monotonic() + self.flusher.next_pass_delay_s(summary)
-                self.lead_error = None
-            except LeaseLost as exc:
-                log.warning("fleet_lease_lost", error=str(exc))
-            except Exception as exc:
-                if self.lead_error is None:
-                    log.warning("fleet_leading_failed", error=str(exc))
-                self.lead_error = f"{type(exc).__name__}: {exc}"
-            wait = renew_every if not self.leading else max(0.05, min(renew_every, next_pass - time.monotonic()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=wait)
+        done = asyncio.Event()
+        renewer = asyncio.create_task(keep_lease(self.fleet, done))
+        try:
+            while not stop.is_set():
+                try:
+                    if not self.leading:
+                        await self.fleet.ready()
+                        if await self.fleet.acquire_lease() is not None:
+                            self.flusher.forget_unsettled()  # the takeover marked those maybe-received
+                        next_pass = 0.0
+                    if self.leading and time.monotonic() >= next_pass:
+                        summary = await self.flusher.flush_once()
+                        next_pass = time.monotonic() + self.flusher.next_pass_delay_s(summary)
+                    self.lead_error = None
+                except LeaseLost as exc:
+                    log.warning("fleet_lease_lost", error=str(exc))
+                except Exception as exc:
+                    if self.lead_error is None:
+                        log.warning("fleet_leading_failed", error=str(exc))
+                    self.lead_error = f"{type(exc).__name__}: {exc}"
+                wait = renew_every if not self.leading else max(0.05, min(renew_every, next_pass - time.monotonic()))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=wait)
+        finally:
+            done.set()
+            await renewer
 
     async def shutdown(self, deadline_s: float) -> None:
         """SIGTERM: ship the whole outbox, give the lease up (the caller stopped the loops first,

@@ -232,3 +232,29 @@ async def test_the_cli_reads_the_fleet(pg_url: str, tmp_path: Path, capsys: pyte
         assert json.loads(capsys.readouterr().out) == {"fleet": True, "released": 0}
         assert await asyncio.to_thread(main, ["replay", "--state", "rejected"], env) == 2
         assert "fleet mode" in capsys.readouterr().err
+
+
+async def test_a_pass_longer_than_the_lease_keeps_it(pg_url: str, tmp_path: Path) -> None:
+    """A leader sending a backlog for longer than the lease TTL renews it meanwhile (its own task):
+    it never loses the lease to itself, and nothing is resent."""
+    async with simulator() as (sim, url, clock), \
+            member(member_settings(tmp_path / "a.db", pg_url, "task-a", lease_s=1.5), clock, url) as a:
+        clock.set(H10 + 600)
+        await post(a, [event(f"e{i}", when=clock.now(), customer={"customer_identifier": f"c{i}"})
+                       for i in range(150)])
+        await m(a).ship_once()
+        clock.set(H10 + HOUR_S + 400)
+        sim.configure(latency_s=0.5)  # 150 records x 2 dimensions: 12 calls, over 6 s of calls
+        stop = asyncio.Event()
+        loop_task = asyncio.create_task(m(a).leading_loop(stop))
+        try:
+            deadline = time.monotonic() + 60
+            while sum(billed(sim).values()) < 150 and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.2)
+            epoch = m(a).fleet.epoch
+        finally:
+            stop.set()
+            await loop_task
+        assert sum(billed(sim).values()) == 150
+        assert epoch == 1 and m(a).fleet.epoch == 1  # acquired once, kept through the whole pass
+        assert sim.counters.duplicates_same_quantity == 0 and conflicts(sim) == 0
