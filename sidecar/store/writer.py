@@ -406,8 +406,13 @@ class Store:
     # ---- fleet mode: the outbox ------------------------------------------------------------------
 
     async def outbox_batch(self, *, limit: int = 5000) -> list[outbox.ShippedDelta]:
-        """The oldest unshipped usage deltas, in order."""
-        return await self.run(functools.partial(outbox.batch, limit=limit))
+        """The oldest unshipped usage deltas, in order: read on a connection of its own (WAL lets it
+        run beside the writer), so shipping never holds up ingest's group commits."""
+        return await asyncio.to_thread(self._read, functools.partial(outbox.batch, limit=limit))
+
+    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        with queries.reader(self.path) as conn:
+            return fn(conn)
 
     async def mark_shipped(self, through: int) -> None:
         """The fleet's PostgreSQL committed every delta up to seq `through`."""
@@ -419,8 +424,8 @@ class Store:
         return await self.run(lambda conn: self.rules.hand_over(conn, now=self.clock.now()))
 
     async def outbox_backlog(self) -> tuple[int, float | None]:
-        """Unshipped deltas and when the oldest was committed."""
-        return await self.run(outbox.backlog)
+        """Unshipped deltas and when the oldest was committed (read beside the writer)."""
+        return await asyncio.to_thread(self._read, outbox.backlog)
 
     # ---- operator decisions ---------------------------------------------------------------------
 
