@@ -20,7 +20,7 @@ advisory transaction lock so that members starting together are safe.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,9 @@ from sidecar.model import (
     HoldOutcome,
     Outcome,
     RecordState,
+    Scheme,
     is_tenant_key,
+    tenant_key,
 )
 from sidecar.store import queries, records
 from sidecar.store.db import schema_dir
@@ -52,6 +54,18 @@ log = structlog.get_logger("sidecar.fleet")
 
 MIGRATION_LOCK = 0x51DECA4  # the advisory lock id members take while migrating
 LEASE = "sender"
+
+
+UnitKey = tuple[str, str, int, int]  # customer, dimension, hour, raw units per billed unit
+Sums = dict[UnitKey, list[int]]  # -> [raw, events, carried_in, first_event_at]
+
+
+def _add(sums: Sums, key: UnitKey, *, raw: int, events: int, carried_in: int, first_event_at: int) -> None:
+    s = sums.setdefault(key, [0, 0, 0, first_event_at])
+    s[0] += raw
+    s[1] += events
+    s[2] += carried_in
+    s[3] = min(s[3], first_event_at)
 
 
 def pg_schema_files() -> list[Path]:
@@ -201,43 +215,47 @@ class FleetStore:
                                " WHERE origin = %s", (max(fresh), self.member_id, origin))
             tenants = await self._tenant_map(conn, {d.customer for d in deltas if is_tenant_key(d.customer)})
             open_hour = max(hour_start(now), stored)
-            sums: dict[tuple[str, str, int, int], list[int]] = {}  # (customer, dim, hour, unit) -> sums
+            sums: Sums = {}
             for d in deltas:
-                if d.seq not in fresh:
-                    continue
-                late = d.hour < stored
-                key = (tenants.get(d.customer, d.customer), d.dimension, open_hour if late else d.hour, d.unit)
-                s = sums.setdefault(key, [0, 0, 0, d.first_event_at])
-                s[0] += d.raw
-                s[1] += d.events
-                s[2] += d.raw if late else 0
-                s[3] = min(s[3], d.first_event_at)
-            await self._ensure_customers(conn, {k[0] for k in sums})
-            keep, park = await self._one_unit_per_bucket(conn, sums)
-            rows = [(c, dim, h, unit, BucketState.UNMAPPED if is_tenant_key(c) else BucketState.OPEN, *sums[k])
-                    for k in keep for (c, dim, h, unit) in [k]]
-            async with conn.cursor() as wcur:
-                await wcur.executemany(
-                    "INSERT INTO buckets (customer, dimension, hour, unit, state, raw, events, carried_in,"
-                    " first_event_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)"
-                    " ON CONFLICT (customer, dimension, hour) DO UPDATE SET raw = buckets.raw + excluded.raw,"
-                    " events = buckets.events + excluded.events,"
-                    " carried_in = buckets.carried_in + excluded.carried_in,"
-                    " first_event_at = least(buckets.first_event_at, excluded.first_event_at)"
-                    " WHERE buckets.state IN ('open', 'unmapped') AND buckets.unit = excluded.unit", rows)
-                if wcur.rowcount != len(rows):  # an upsert that changed nothing would lose usage silently
-                    raise RuntimeError("refusing to add usage to a sealed bucket")
-                await wcur.executemany(
-                    "INSERT INTO parked (customer, dimension, hour, unit, raw, events, first_event_at, reason,"
-                    " parked_at, state) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,'unconfigured')",
-                    [(*k, *sums[k][:2], sums[k][3], why, int(now)) for k, why in park.items()])
-            for (c, dim, h, unit), why in park.items():
-                log.error("usage_parked", customer=c, dimension=dim, hour=h, unit=unit, raw=sums[(c, dim, h, unit)][0],
-                          reason=why, hint="the fleet's members disagree on this dimension's unit; finish the rollout")
+                if d.seq in fresh:
+                    late = d.hour < stored
+                    key = (tenants.get(d.customer, d.customer), d.dimension, open_hour if late else d.hour, d.unit)
+                    _add(sums, key, raw=d.raw, events=d.events, carried_in=d.raw if late else 0,
+                         first_event_at=d.first_event_at)
+            await self._add_to_open(conn, sums, now=now)
         return len(fresh)
 
-    async def _one_unit_per_bucket(self, conn: AsyncConnection[Any], sums: Mapping[tuple[str, str, int, int], Any]
-                                   ) -> tuple[list[tuple[str, str, int, int]], dict[tuple[str, str, int, int], str]]:
+    async def _add_to_open(self, conn: AsyncConnection[Any], sums: Sums, *, now: float) -> None:
+        """Add usage to open (or unmapped) buckets: the one way usage enters the fleet's buckets
+        (shipments, tenant mappings, records carried into the open hour). Raises rather than add to
+        a sealed bucket; usage whose unit disagrees with its bucket's is parked, never mixed."""
+        if not sums:
+            return
+        await self._ensure_customers(conn, {k[0] for k in sums})
+        keep, park = await self._one_unit_per_bucket(conn, sums)
+        rows = [(c, dim, h, unit, BucketState.UNMAPPED if is_tenant_key(c) else BucketState.OPEN, *sums[k])
+                for k in keep for (c, dim, h, unit) in [k]]
+        async with conn.cursor() as wcur:
+            await wcur.executemany(
+                "INSERT INTO buckets (customer, dimension, hour, unit, state, raw, events, carried_in,"
+                " first_event_at) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                " ON CONFLICT (customer, dimension, hour) DO UPDATE SET raw = buckets.raw + excluded.raw,"
+                " events = buckets.events + excluded.events,"
+                " carried_in = buckets.carried_in + excluded.carried_in,"
+                " first_event_at = least(buckets.first_event_at, excluded.first_event_at)"
+                " WHERE buckets.state IN ('open', 'unmapped') AND buckets.unit = excluded.unit", rows)
+            if wcur.rowcount != len(rows):  # an upsert that changed nothing would lose usage silently
+                raise RuntimeError("refusing to add usage to a sealed bucket")
+            await wcur.executemany(
+                "INSERT INTO parked (customer, dimension, hour, unit, raw, events, first_event_at, reason,"
+                " parked_at, state) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,'unconfigured')",
+                [(*k, *sums[k][:2], sums[k][3], why, int(now)) for k, why in park.items()])
+        for (c, dim, h, unit), why in park.items():
+            log.error("usage_parked", customer=c, dimension=dim, hour=h, unit=unit, raw=sums[(c, dim, h, unit)][0],
+                      reason=why, hint="the fleet's members disagree on this dimension's unit; finish the rollout")
+
+    async def _one_unit_per_bucket(self, conn: AsyncConnection[Any], sums: Sums
+                                   ) -> tuple[list[UnitKey], dict[UnitKey, str]]:
         """Which new sums go into buckets and which are parked: a bucket keeps the unit it has (or,
         new, the unit this member configures, else the first seen); usage measured with another
         unit (members of two releases that disagree on a dimension's unit) is parked, never mixed."""
@@ -254,8 +272,8 @@ class FleetStore:
             if (c, dim, h) not in unit_of:  # a new bucket: this release's unit if offered, else the smallest
                 mine = self._dims.get(dim)
                 unit_of[(c, dim, h)] = mine.raw_unit if mine is not None and mine.raw_unit in units else min(units)
-        keep: list[tuple[str, str, int, int]] = []
-        park: dict[tuple[str, str, int, int], str] = {}
+        keep: list[UnitKey] = []
+        park: dict[UnitKey, str] = {}
         for c, dim, h, unit in keys:
             if unit_of[(c, dim, h)] == unit:
                 keep.append((c, dim, h, unit))
@@ -265,17 +283,17 @@ class FleetStore:
         return keep, park
 
     async def _tenant_map(self, conn: AsyncConnection[Any], keys: Iterable[str]) -> dict[str, str]:
-        names = [k.split(":", 1)[1] for k in keys]
+        names = [k.removeprefix(Scheme.TENANT) for k in keys]
         if not names:
             return {}
         cur = await conn.execute("SELECT tenant, customer FROM tenants WHERE tenant = ANY(%s)", (names,))
-        return {f"tenant:{r['tenant']}": r["customer"] for r in await cur.fetchall()}
+        return {tenant_key(r["tenant"]): r["customer"] for r in await cur.fetchall()}
 
     async def _ensure_customers(self, conn: AsyncConnection[Any], keys: Iterable[str]) -> None:
         rows: list[tuple[str, str | None, str | None, str | None, str | None]] = []
         for key in sorted(keys):
             if is_tenant_key(key):
-                rows.append((key, None, None, None, key.split(":", 1)[1]))
+                rows.append((key, None, None, None, key.removeprefix(Scheme.TENANT)))
             else:
                 ref = CustomerRef.from_key(key)
                 rows.append((key, ref.aws_account_id, ref.license_arn, ref.customer_identifier, None))
@@ -296,7 +314,6 @@ class FleetStore:
 
     async def _map_tenant(self, tenant: str, ref: CustomerRef, source: str) -> int:
         now = self.clock.now()
-        src = f"tenant:{tenant}"
         async with self.pool.connection() as conn, conn.transaction():
             await conn.execute("SELECT value FROM meta WHERE key = 'sealed_before' FOR SHARE")
             await self._ensure_customers(conn, [ref.key])
@@ -306,21 +323,18 @@ class FleetStore:
                 " mapped_at = excluded.mapped_at", (tenant, ref.key, source, int(now)))
             cur = await conn.execute(
                 "DELETE FROM buckets WHERE customer = %s AND state = 'unmapped'"
-                " RETURNING dimension, hour, unit, raw, events, carried_in, first_event_at", (src,))
+                " RETURNING dimension, hour, unit, raw, events, carried_in, first_event_at", (tenant_key(tenant),))
             moved = await cur.fetchall()
             stored = await self._watermark(conn)
             open_hour = max(hour_start(now), stored)
+            sums: Sums = {}
             for b in moved:
                 late = b["hour"] < stored
-                await conn.execute(
-                    "INSERT INTO buckets (customer, dimension, hour, unit, state, raw, events, carried_in,"
-                    " first_event_at) VALUES (%s,%s,%s,%s,'open',%s,%s,%s,%s)"
-                    " ON CONFLICT (customer, dimension, hour) DO UPDATE SET raw = buckets.raw + excluded.raw,"
-                    " events = buckets.events + excluded.events,"
-                    " carried_in = buckets.carried_in + excluded.carried_in,"
-                    " first_event_at = least(buckets.first_event_at, excluded.first_event_at)",
-                    (ref.key, b["dimension"], open_hour if late else b["hour"], b["unit"], b["raw"], b["events"],
-                     b["carried_in"] + (b["raw"] if late else 0), b["first_event_at"]))
+                _add(sums, (ref.key, b["dimension"], open_hour if late else int(b["hour"]), int(b["unit"])),
+                     raw=int(b["raw"]), events=int(b["events"]),
+                     carried_in=int(b["carried_in"]) + (int(b["raw"]) if late else 0),
+                     first_event_at=int(b["first_event_at"]))
+            await self._add_to_open(conn, sums, now=now)
         return len(moved)
 
     # ---- the lease ----------------------------------------------------------------------------
@@ -599,12 +613,10 @@ class FleetStore:
             raw = int(row["quantity"]) * int(row["unit"])
             hour = max(hour_start(now), await self._watermark(conn))
             if raw:
-                await conn.execute(
-                    "INSERT INTO buckets (customer, dimension, hour, unit, state, raw, events, carried_in,"
-                    " first_event_at) VALUES (%s,%s,%s,%s,'open',%s,0,%s,%s)"
-                    " ON CONFLICT (customer, dimension, hour) DO UPDATE SET raw = buckets.raw + excluded.raw,"
-                    " carried_in = buckets.carried_in + excluded.carried_in",
-                    (row["customer"], row["dimension"], hour, row["unit"], raw, raw, int(now)))
+                sums: Sums = {}
+                _add(sums, (row["customer"], row["dimension"], hour, int(row["unit"])), raw=raw, events=0,
+                     carried_in=raw, first_event_at=int(now))
+                await self._add_to_open(conn, sums, now=now)
         else:
             state, error = RecordState.EXPIRED, reason
         await self._set_state(conn, record, state, last_error=error)
