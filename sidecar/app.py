@@ -233,17 +233,18 @@ async def get_usage(request: web.Request) -> web.Response:
         )
     except ValueError as exc:
         return error(400, str(exc))
-    view = request.app[STORE].view
+    member = request.app.get(MEMBER)  # fleet mode: the fleet's buckets (a member's file keeps none)
+    view = request.app[STORE].view if member is None else member.view
     now = request.app[CLOCK].now()
     wants_html = "text/html" in request.headers.get("Accept", "") and request.query.get("format") != "json"
-    data = await asyncio.to_thread(functools.partial(view.usage, filt, health_at=now if wants_html else None))
-    if MEMBER in request.app:  # fleet mode: the fleet's buckets (this member's file keeps no buckets)
-        member = request.app[MEMBER]
-        try:
-            data.update(await member.fleet.usage(filt))
-        except Exception as exc:
-            return web.json_response({"error": f"the fleet's database is unreachable: {type(exc).__name__}"},
-                                     status=503, headers={"Retry-After": RETRY_AFTER_S})
+    try:
+        data = await asyncio.to_thread(functools.partial(view.usage, filt, health_at=now if wants_html else None))
+    except Exception as exc:
+        if member is None:
+            raise
+        return web.json_response({"error": f"the fleet's database is unreachable: {type(exc).__name__}"},
+                                 status=503, headers={"Retry-After": RETRY_AFTER_S})
+    if member is not None:
         data["fleet"] = {**member.health(), "members": member.members_seen}
     data["rows"] = [present_row(r) for r in data["rows"]]
     data["parked"] = [present_row(r) for r in data["parked"]]

@@ -29,7 +29,7 @@ from sidecar.clock import HOUR_S, Clock, hour_start
 from sidecar.config import Settings
 from sidecar.errors import FleetUnavailable, LeaseLost, StoreClosed, StoreUnavailable
 from sidecar.flush import Flusher, FlushSummary, MeteringApi
-from sidecar.store.pg import FleetStore
+from sidecar.store.pg import FleetStore, FleetView
 from sidecar.store.protocol import MeteringStore
 
 log = structlog.get_logger("sidecar.fleet")
@@ -128,6 +128,8 @@ class Member:
         self.fleet = fleet
         self.flusher = flusher  # sends the fleet's records while this member leads
         self.legacy = legacy  # sends the records this file froze before it joined the fleet
+        assert settings.fleet_url is not None
+        self.view = FleetView(settings.fleet_url)  # reads of the fleet's buckets (/usage)
         self.settings = settings
         self.clock = clock
         self.ship_error: str | None = None  # the last shipping failure, cleared by the next success

@@ -738,16 +738,6 @@ class FleetStore:
             out["records"] = owed
         return out
 
-    async def usage(self, f: UsageFilter, *, limit: int = 5000) -> dict[str, Any]:
-        """The fleet's buckets in the shape `/usage` and `sidecar usage` show (rows, totals, parked)."""
-        rows_q, totals_q, carries_q = _usage_queries(f, limit)
-        async with self.pool.connection() as conn:
-            rows = [dict(r) for r in await (await conn.execute(*rows_q)).fetchall()]
-            grouped = await (await conn.execute(*totals_q)).fetchall()
-            carry_rows = await (await conn.execute(*carries_q)).fetchall()
-        carries = {(r["customer"], r["dimension"]): int(r["raw"]) for r in carry_rows}
-        return {"rows": rows, "totals": queries.totals_from(grouped, carries), "parked": []}
-
 
 Query = tuple[Any, list[Any]]
 
