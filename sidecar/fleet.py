@@ -35,6 +35,7 @@ from sidecar.store.protocol import MeteringStore
 log = structlog.get_logger("sidecar.fleet")
 
 SHIP_BATCH = 5000  # deltas per shipment (one PostgreSQL transaction)
+READ_EVERY_S = 5.0  # how often a member reads every member's heartbeat and the fleet's alarms
 
 
 def default_member_id(env: Mapping[str, str]) -> str:
@@ -141,6 +142,7 @@ class Member:
         self.fleet_figures: dict[str, Any] = {}  # the fleet's alarms, as last read (FleetStore.figures)
         self._ship_lock = asyncio.Lock()
         self._ship_failed_at = 0.0  # monotonic time of the last failed shipment
+        self._read_at = -READ_EVERY_S  # monotonic time members and the fleet's alarms were last read
         self._next_ship: asyncio.Future[None] | None = None  # callers waiting for the next shipment
 
     @property
@@ -199,8 +201,10 @@ class Member:
         self.backlog, self.backlog_since = await self.local.outbox_backlog()
         with contextlib.suppress(Exception):
             await self.fleet.heartbeat(backlog=self.backlog, backlog_since=self.backlog_since)
-            self.members_seen = await self.fleet.members()
-            self.fleet_figures = await self.fleet.figures()
+            if time.monotonic() - self._read_at >= READ_EVERY_S:  # every member reads them: not every second
+                self.members_seen = await self.fleet.members()
+                self.fleet_figures = await self.fleet.figures()
+                self._read_at = time.monotonic()
 
     async def shipping_loop(self, stop: asyncio.Event) -> None:
         """Ship every SIDECAR_SHIP_INTERVAL_S until told to stop."""
