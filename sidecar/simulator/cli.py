@@ -117,6 +117,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fraction of calls processed and billed whose response is then dropped",
     )
     parser.add_argument("--seed", type=int, metavar="N", help="seed for the fault generator")
+    parser.add_argument(
+        "--subscription-queue-url",
+        metavar="URL",
+        help="SQS queue that receives AWS's SNS notification of each POST /_sim/subscriptions action "
+        "(endpoint: AWS_ENDPOINT_URL_SQS; region: AWS_REGION or AWS_DEFAULT_REGION, else us-east-1)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
@@ -135,6 +141,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         latency_s=args.latency_s,
         lose_response_rate=args.lose_response_rate,
         seed=args.seed,
+        subscription_queue_url=args.subscription_queue_url,
     )
 
 

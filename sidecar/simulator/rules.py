@@ -1,4 +1,7 @@
-"""AWS's limits and validation rules for BatchMeterUsage, as pure functions with no I/O.
+"""AWS's limits, validation rules and message formats for the simulator, as pure functions with no I/O.
+
+They cover BatchMeterUsage, ResolveCustomer, and the subscription notifications AWS Marketplace
+publishes to a seller's SNS topic.
 
 These are the simulator's own copies, taken from the service model and AWS's documentation. They are
 deliberately not shared with the daemon: a fake that imported the limits of the code it checks would
@@ -8,13 +11,21 @@ agree with that code's mistakes.
 from __future__ import annotations
 
 import calendar
+import json
 import re
 import time
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 TARGET_PREFIX = "AWSMPMeteringService."
 BATCH_METER_USAGE = TARGET_PREFIX + "BatchMeterUsage"
+RESOLVE_CUSTOMER = TARGET_PREFIX + "ResolveCustomer"
+
+# The actions of AWS Marketplace's SaaS subscription notifications.
+SUBSCRIPTION_ACTIONS = ("subscribe-success", "subscribe-fail", "unsubscribe-pending", "unsubscribe-success")
+# AWS Marketplace's own account: it owns every product's subscription topic, always in us-east-1.
+MARKETPLACE_SNS_ACCOUNT = "287250355862"
 
 MAX_RECORDS_PER_CALL = 25
 MAX_REQUEST_BYTES = 1024 * 1024
@@ -64,6 +75,50 @@ def error_body(code: str, message: str) -> dict[str, Any]:
     return {"__type": code, "message": message}
 
 
+def is_account_id(value: Any) -> TypeGuard[str]:
+    """Return whether ``value`` is an AWS account id (12 digits)."""
+    return isinstance(value, str) and _ACCOUNT_ID.match(value) is not None
+
+
+def is_license_arn(value: Any) -> TypeGuard[str]:
+    """Return whether ``value`` matches the service model's LicenseArn pattern."""
+    return isinstance(value, str) and _LICENSE_ARN.match(value) is not None
+
+
+def rfc3339(epoch_s: float) -> str:
+    """Return ``epoch_s`` as UTC RFC 3339 with milliseconds and a Z, as SNS writes its timestamps."""
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def subscription_notification(
+    *, action: str, customer: str, product_code: str, offer_identifier: str, message_id: str, epoch_s: float
+) -> dict[str, Any]:
+    """Return the SNS envelope of one subscription notification, as SQS receives it without raw delivery.
+
+    A 12-digit ``customer`` is a CustomerAWSAccountId; anything else is a CustomerIdentifier.
+    """
+    customer_field = "customer-aws-account-id" if is_account_id(customer) else "customer-identifier"
+    message = {
+        "action": action,
+        customer_field: customer,
+        "product-code": product_code,
+        "offer-identifier": offer_identifier,
+        "isFreeTrialTermPresent": "false",
+    }
+    return {
+        "Type": "Notification",
+        "MessageId": message_id,
+        "TopicArn": f"arn:aws:sns:us-east-1:{MARKETPLACE_SNS_ACCOUNT}:aws-mp-subscription-notification-{product_code}",
+        "Subject": None,
+        "Message": json.dumps(message),
+        "Timestamp": rfc3339(epoch_s),
+        "SignatureVersion": "1",
+        "Signature": "sim",
+        "SigningCertURL": "",
+        "UnsubscribeURL": "",
+    }
+
+
 def scheme(raw: Any) -> Scheme | None:
     """Return the customer scheme of one raw record, or None when it has neither or both."""
     if not isinstance(raw, dict):
@@ -92,9 +147,9 @@ def customer_fields(raw: dict[str, Any], product_code: str | None) -> tuple[str,
         return identifier, product_code, identifier
     account = raw.get("CustomerAWSAccountId")
     licence = raw.get("LicenseArn")
-    if not isinstance(account, str) or not _ACCOUNT_ID.match(account):
+    if not is_account_id(account):
         raise CallRejected("InvalidCustomerIdentifierException", "CustomerAWSAccountId must be 12 digits")
-    if not isinstance(licence, str) or not _LICENSE_ARN.match(licence):
+    if not is_license_arn(licence):
         raise CallRejected("InvalidLicenseException", "LicenseArn is missing or malformed")
     return account, licence, account
 

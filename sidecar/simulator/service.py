@@ -1,12 +1,19 @@
 """The simulated Metering Service: settings, billed state, dedup, call validation and injected faults.
 
-Answers one request at a time through ``Simulator.handle``; ``server`` puts it on the wire. Whole-call
+It also holds the customer lifecycle: registration tokens that ResolveCustomer redeems, and each
+customer's subscription state as changed by AWS Marketplace's subscription actions. Answers one request
+at a time through ``Simulator.handle``; ``server`` puts it on the wire. Whole-call
 errors, where AWS does not document the exact code, are chosen as follows: structural problems (record
 count, both or neither customer scheme in a record, schemes mixed in one call, ProductCode sent with
 licence records, quantity out of range) are ``ValidationException``; a missing ProductCode with
 CustomerIdentifier records is ``InvalidProductCodeException``; a malformed account id is
 ``InvalidCustomerIdentifierException``; a malformed LicenseArn, or licences of two products in one call,
-is ``InvalidLicenseException``.
+is ``InvalidLicenseException``. ResolveCustomer answers ``InvalidTokenException`` for a token it never
+issued (or none at all) and ``ExpiredTokenException`` once the simulated clock reaches its expiry.
+
+A subscription action sets the customer's state, and that state overrides ``subscribe_all`` and
+``subscribed``: after ``unsubscribe-success`` (ended) or ``subscribe-fail`` its records are
+``CustomerNotSubscribed``; after ``subscribe-success`` or ``unsubscribe-pending`` they are accepted.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import dataclasses
 import json
 import math
 import random
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -29,8 +37,11 @@ from sidecar.simulator.rules import (
     DEFAULT_DIMENSIONS,
     DEFAULT_MONTH_GRACE_S,
     DEFAULT_WINDOW_S,
+    MAX_CUSTOMER_IDENTIFIER_CHARS,
     MAX_RECORDS_PER_CALL,
     MAX_REQUEST_BYTES,
+    RESOLVE_CUSTOMER,
+    SUBSCRIPTION_ACTIONS,
     CallRejected,
     check_allocations,
     check_window,
@@ -38,13 +49,28 @@ from sidecar.simulator.rules import (
     error_body,
     hour_start,
     http_status,
+    is_account_id,
+    is_license_arn,
     record_quantity,
+    rfc3339,
     scheme,
+    subscription_notification,
 )
 
 log = structlog.get_logger(__name__)
 
 RecordStatus = Literal["Success", "CustomerNotSubscribed", "DuplicateRecord"]
+SubscriptionState = Literal["subscribed", "unsubscribe-pending", "ended", "failed"]
+
+_OPERATIONS = {BATCH_METER_USAGE: "BatchMeterUsage", RESOLVE_CUSTOMER: "ResolveCustomer"}
+_STATE_AFTER: dict[str, SubscriptionState] = dict(
+    zip(SUBSCRIPTION_ACTIONS, ("subscribed", "failed", "unsubscribe-pending", "ended"), strict=True)
+)
+_ACCEPTING_STATES = ("subscribed", "unsubscribe-pending")
+_OPTIONAL_TEXT_SETTINGS = ("product_code", "subscription_queue_url", "sqs_endpoint_url", "sqs_region")
+DEFAULT_PRODUCT_CODE = "sim-product"  # for tokens and notifications when no product_code is configured
+DEFAULT_OFFER_IDENTIFIER = "offer-sim"
+DEFAULT_TOKEN_LIFETIME_S = 3600.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +95,11 @@ class SimulatorConfig:
     api_disabled: bool = False
     clock_offset_s: float = 0.0
     seed: int | None = None
+    # The SQS queue that receives subscription actions as the SNS topic would deliver them, and how to
+    # reach it. None: botocore's endpoint (AWS_ENDPOINT_URL_SQS); AWS_REGION, AWS_DEFAULT_REGION, us-east-1.
+    subscription_queue_url: str | None = None
+    sqs_endpoint_url: str | None = None
+    sqs_region: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("throttle_rate", "error_5xx_rate", "unprocessed_rate", "lose_response_rate"):
@@ -132,8 +163,8 @@ class SimulatorConfig:
                 if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                     raise ValueError("seed must be an integer or null")
                 converted[name] = value
-            else:  # product_code, duplicate_status, outage_mode
-                if not (isinstance(value, str) or (value is None and name == "product_code")):
+            else:  # duplicate_status, outage_mode and the optional texts
+                if not (isinstance(value, str) or (value is None and name in _OPTIONAL_TEXT_SETTINGS)):
                     raise ValueError(f"{name} must be a string")
                 converted[name] = value
         return dataclasses.replace(self, **converted)
@@ -181,10 +212,14 @@ class CallLog:
     outcome: str  # "Success", an error code, "Outage" or "ResponseLost"
     statuses: tuple[str, ...] = ()  # per record, in request order; "Unprocessed" included
     message: str = ""
+    operation: str = "BatchMeterUsage"
 
     def to_json(self) -> dict[str, Any]:
-        """Return the entry as JSON-ready values."""
-        return {**dataclasses.asdict(self), "statuses": list(self.statuses)}
+        """Return the entry as JSON-ready values; only calls of other operations name theirs."""
+        data = {**dataclasses.asdict(self), "statuses": list(self.statuses)}
+        if self.operation == "BatchMeterUsage":  # keeps the entries BatchMeterUsage always had
+            del data["operation"]
+        return data
 
 
 @dataclass(kw_only=True)
@@ -201,7 +236,9 @@ class Counters:
     duplicates_same_quantity: int = 0
     conflicts: int = 0
     not_subscribed: int = 0
+    refused_ended: int = 0  # of not_subscribed: records of customers whose subscription ended
     unprocessed: int = 0
+    tokens_resolved: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,6 +248,43 @@ class Reply:
     status: int
     body: dict[str, Any] | str | None
     drop_connection: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegistrationToken:
+    """What one registration token resolves to, and the simulated time it stops resolving."""
+
+    product_code: str
+    expires_at: float
+    customer_identifier: str | None = None  # set for identifier customers...
+    aws_account_id: str | None = None  # ...optional with them, always set with a licence
+    license_arn: str | None = None  # set for account + licence customers (new integrations)
+
+    @property
+    def subscriber(self) -> str:
+        """Return what BatchMeterUsage checks for a subscription: the identifier, else the account."""
+        subscriber = self.customer_identifier or self.aws_account_id
+        assert subscriber is not None  # issue_token sets one of them
+        return subscriber
+
+    def resolution(self) -> dict[str, str]:
+        """Return ResolveCustomer's answer; licence customers get no CustomerIdentifier."""
+        fields = {
+            "CustomerIdentifier": self.customer_identifier,
+            "CustomerAWSAccountId": self.aws_account_id,
+            "LicenseArn": self.license_arn,
+            "ProductCode": self.product_code,
+        }
+        return {name: value for name, value in fields.items() if value is not None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubscriptionChange:
+    """One checked subscription action, not yet applied: its customer, next state and SNS envelope."""
+
+    customer: str
+    state: SubscriptionState
+    notification: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -233,6 +307,8 @@ class Simulator:
         self.billed: dict[DedupKey, BilledRecord] = {}
         self.calls: list[CallLog] = []
         self.counters = Counters()
+        self.tokens: dict[str, RegistrationToken] = {}
+        self.subscriptions: dict[str, SubscriptionState] = {}  # set by tokens and subscription actions
 
     def now(self) -> float:
         """Return the simulated time in epoch seconds (the clock plus ``clock_offset_s``)."""
@@ -252,6 +328,8 @@ class Simulator:
         self.billed.clear()
         self.calls.clear()
         self.counters = Counters()
+        self.tokens.clear()
+        self.subscriptions.clear()
 
     def state(self) -> dict[str, Any]:
         """Return the inspectable state as JSON-ready values (served at ``GET /_sim/state``)."""
@@ -261,6 +339,117 @@ class Simulator:
             "counters": dataclasses.asdict(self.counters),
             "billed": [record.to_json() for record in self.billed.values()],
             "calls": [call.to_json() for call in self.calls],
+            "subscriptions": self.subscription_states(),
+        }
+
+    def subscription_states(self) -> dict[str, SubscriptionState]:
+        """Return each known customer's subscription state: configured ones, then the lifecycle's."""
+        configured: dict[str, SubscriptionState] = dict.fromkeys(sorted(self.config.subscribed), "subscribed")
+        return {**configured, **dict(sorted(self.subscriptions.items()))}
+
+    def accepts_usage(self, customer: str) -> bool:
+        """Return whether records of ``customer`` (identifier or account id) are billed, not refused."""
+        state = self.subscriptions.get(customer)
+        if state is not None:
+            return state in _ACCEPTING_STATES
+        return self.config.subscribe_all or customer in self.config.subscribed
+
+    def issue_token(self, body: Any) -> dict[str, Any]:
+        """Issue a registration token from a ``POST /_sim/tokens`` body and subscribe its customer.
+
+        Raises ValueError, naming the field, for a bad body.
+        """
+        fields = _admin_body(
+            body, {"customer_identifier", "aws_account_id", "license_arn", "product_code", "expires_in_s"}
+        )
+        product_code = _text(fields, "product_code", default=self.config.product_code or DEFAULT_PRODUCT_CODE)
+        lifetime_s = fields.get("expires_in_s", DEFAULT_TOKEN_LIFETIME_S)
+        if (
+            isinstance(lifetime_s, bool)
+            or not isinstance(lifetime_s, int | float)
+            or not math.isfinite(lifetime_s)
+            or lifetime_s <= 0
+        ):
+            raise ValueError("expires_in_s must be a number of seconds > 0")
+        account = fields.get("aws_account_id")
+        if account is not None and not is_account_id(account):
+            raise ValueError("aws_account_id must be 12 digits")
+        expires_at = self.now() + lifetime_s
+        if "license_arn" in fields:
+            if "customer_identifier" in fields:
+                raise ValueError("send customer_identifier or license_arn, not both")
+            if account is None:
+                raise ValueError("aws_account_id is required with license_arn")
+            if not is_license_arn(fields["license_arn"]):
+                raise ValueError("license_arn must be a License Manager licence ARN")
+            token = RegistrationToken(
+                product_code=product_code,
+                expires_at=expires_at,
+                aws_account_id=account,
+                license_arn=fields["license_arn"],
+            )
+        elif "customer_identifier" in fields:
+            identifier = _text(fields, "customer_identifier")
+            if len(identifier) > MAX_CUSTOMER_IDENTIFIER_CHARS:
+                raise ValueError(f"customer_identifier must be at most {MAX_CUSTOMER_IDENTIFIER_CHARS} characters")
+            token = RegistrationToken(
+                product_code=product_code,
+                expires_at=expires_at,
+                customer_identifier=identifier,
+                aws_account_id=account,
+            )
+        else:
+            raise ValueError("send customer_identifier, or aws_account_id with license_arn")
+        secret = secrets.token_urlsafe(32)
+        self.tokens[secret] = token
+        self.subscriptions[token.subscriber] = "subscribed"  # the buyer has just subscribed
+        log.info("simulator token issued", customer=token.subscriber, expires_at=rfc3339(expires_at))
+        return {"registration_token": secret, "expires_at": rfc3339(expires_at)}
+
+    def resolve_customer(self, body: Any) -> tuple[int, dict[str, Any]]:
+        """Apply one ResolveCustomer request body; return the HTTP status and the JSON answer."""
+        secret = body.get("RegistrationToken") if isinstance(body, dict) else None
+        token = self.tokens.get(secret) if isinstance(secret, str) else None
+        if token is None:
+            code, message = "InvalidTokenException", "Registration token is invalid"
+        elif self.now() >= token.expires_at:
+            code, message = "ExpiredTokenException", "Registration token has expired"
+        else:
+            self.counters.tokens_resolved += 1
+            self._log_call(0, "Success", message=token.subscriber, operation="ResolveCustomer")
+            return 200, token.resolution()
+        self._log_call(0, code, message=message, operation="ResolveCustomer")
+        return http_status(code), error_body(code, message)
+
+    def subscription_change(self, body: Any) -> SubscriptionChange:
+        """Check a ``POST /_sim/subscriptions`` body; return the change and its notification, unapplied.
+
+        Raises ValueError, naming the field, for a bad body.
+        """
+        fields = _admin_body(body, {"customer", "action", "offer_identifier", "product_code"})
+        customer = _text(fields, "customer")
+        action = fields.get("action")
+        if action not in _STATE_AFTER:
+            raise ValueError(f"action must be one of {', '.join(SUBSCRIPTION_ACTIONS)}")
+        notification = subscription_notification(
+            action=action,
+            customer=customer,
+            product_code=_text(fields, "product_code", default=self.config.product_code or DEFAULT_PRODUCT_CODE),
+            offer_identifier=_text(fields, "offer_identifier", default=DEFAULT_OFFER_IDENTIFIER),
+            message_id=str(uuid.uuid4()),
+            epoch_s=self.now(),
+        )
+        return SubscriptionChange(customer=customer, state=_STATE_AFTER[action], notification=notification)
+
+    def apply_subscription(self, change: SubscriptionChange) -> dict[str, Any]:
+        """Set the customer's subscription state; return it with the notification, as JSON-ready values."""
+        self.subscriptions[change.customer] = change.state
+        log.info("simulator subscription changed", customer=change.customer, subscription=change.state)
+        return {
+            "customer": change.customer,
+            "subscription": change.state,
+            "accepts_usage": self.accepts_usage(change.customer),
+            "notification": change.notification,
         }
 
     def billed_quantity(self, key: DedupKey) -> Decimal | None:
@@ -270,13 +459,17 @@ class Simulator:
 
     def handle(self, target: str, raw_body: bytes) -> Reply:
         """Answer one POST / request, transport faults included (latency is the caller's)."""
-        if target != BATCH_METER_USAGE:
+        operation = _OPERATIONS.get(target)
+        if operation is None:
             return _error_reply("UnknownOperationException", f"Unknown operation {target!r}")
+        apply = self.batch_meter_usage if target == BATCH_METER_USAGE else self.resolve_customer
         self.counters.calls += 1
         n_records = _count_records(raw_body)
         if self.config.outage:
             self.counters.outages += 1
-            self._log_call(n_records, "Outage", message=f"outage ({self.config.outage_mode})")
+            self._log_call(
+                n_records, "Outage", message=f"outage ({self.config.outage_mode})", operation=operation
+            )
             if self.config.outage_mode == "close":
                 return Reply(status=0, body=None, drop_connection=True)
             if self.config.outage_mode == "aws503":
@@ -288,23 +481,23 @@ class Simulator:
         lost = self.rng.random() < self.config.lose_response_rate
         if throttled:
             self.counters.throttled += 1
-            return self._fault_reply(n_records, "ThrottlingException", "Rate exceeded")
+            return self._fault_reply(n_records, "ThrottlingException", "Rate exceeded", operation)
         if failed:
             self.counters.errors_5xx += 1
             return self._fault_reply(
-                n_records, "InternalServiceErrorException", "An internal error occurred"
+                n_records, "InternalServiceErrorException", "An internal error occurred", operation
             )
         if self.config.api_disabled:
             return self._fault_reply(
-                n_records, "DisabledApiException", "The API is disabled in the Region"
+                n_records, "DisabledApiException", "The API is disabled in the Region", operation
             )
         if len(raw_body) > MAX_REQUEST_BYTES:
-            return self._fault_reply(n_records, "ValidationException", "Request is over 1 MB")
+            return self._fault_reply(n_records, "ValidationException", "Request is over 1 MB", operation)
         try:
             body = json.loads(raw_body)
         except (UnicodeDecodeError, json.JSONDecodeError):
-            return self._fault_reply(n_records, "SerializationException", "Body is not JSON")
-        status, payload = self.batch_meter_usage(body)
+            return self._fault_reply(n_records, "SerializationException", "Body is not JSON", operation)
+        status, payload = apply(body)
         if status == 200 and lost:
             self.counters.responses_lost += 1
             self.calls[-1] = dataclasses.replace(self.calls[-1], outcome="ResponseLost")
@@ -342,8 +535,10 @@ class Simulator:
         return 200, {"Results": results, "UnprocessedRecords": unprocessed}
 
     def _apply(self, record: _Record, now: float) -> tuple[RecordStatus, str | None]:
-        if not (self.config.subscribe_all or record.subscriber in self.config.subscribed):
+        if not self.accepts_usage(record.subscriber):
             self.counters.not_subscribed += 1
+            if self.subscriptions.get(record.subscriber) == "ended":
+                self.counters.refused_ended += 1
             return "CustomerNotSubscribed", None
         first = self.billed.get(record.key)
         if first is None:
@@ -448,12 +643,18 @@ class Simulator:
         key = DedupKey(customer, product, dimension, hour_start(timestamp))
         return _Record(raw, key, subscriber, quantity, float(timestamp))
 
-    def _fault_reply(self, n_records: int, code: str, message: str) -> Reply:
-        self._log_call(n_records, code, message=message)
+    def _fault_reply(self, n_records: int, code: str, message: str, operation: str) -> Reply:
+        self._log_call(n_records, code, message=message, operation=operation)
         return _error_reply(code, message)
 
     def _log_call(
-        self, n_records: int, outcome: str, *, statuses: tuple[str, ...] = (), message: str = ""
+        self,
+        n_records: int,
+        outcome: str,
+        *,
+        statuses: tuple[str, ...] = (),
+        message: str = "",
+        operation: str = "BatchMeterUsage",
     ) -> None:
         call = CallLog(
             n=len(self.calls) + 1,
@@ -462,10 +663,12 @@ class Simulator:
             outcome=outcome,
             statuses=statuses,
             message=message,
+            operation=operation,
         )
         self.calls.append(call)
         log.info(
             "simulator call",
+            operation=operation,
             call=call.n,
             records=n_records,
             outcome=outcome,
@@ -482,6 +685,22 @@ def _count_records(raw_body: bytes) -> int:
     return len(records) if isinstance(records, list) else 0
 
 
+def _admin_body(body: Any, allowed: set[str]) -> dict[str, Any]:
+    """Return an admin route's JSON body, or raise ValueError if it is no object or has unknown fields."""
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ValueError(f"unknown fields: {', '.join(unknown)}")
+    return body
+
+
+def _text(fields: Mapping[str, Any], name: str, *, default: str | None = None) -> str:
+    """Return a non-empty string field (``default`` when absent), or raise ValueError naming it."""
+    value = fields.get(name, default)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string")
+    return value
 
 
 def _json_quantity(quantity: Decimal) -> int | str:
