@@ -9,7 +9,7 @@ import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 from aiohttp import web
@@ -17,13 +17,16 @@ from aiohttp import web
 from sidecar import store as store_mod
 from sidecar.clock import HOUR_S, Clock, SystemClock, hour_start
 from sidecar.config import Settings
-from sidecar.errors import BadBody, StoreBusy, StoreClosed, StoreUnavailable
+from sidecar.errors import BadBody, RegistrationFailed, StoreBusy, StoreClosed, StoreUnavailable
 from sidecar.events import JSON_TYPES, NDJSON_TYPES, check_items, parse_body
 from sidecar.flush import Flusher, MeteringApi
+from sidecar.marketplace import Registration
 from sidecar.metrics import Metrics
 from sidecar.model import TENANT_RULE, CustomerRef, valid_tenant
+from sidecar.notifications import NotificationConsumer, QueueApi
 from sidecar.page import render_usage_page
 from sidecar.store import MeteringStore, UsageFilter, open_store
+from sidecar.store.lifecycle import overdue
 from sidecar.when import parse_when
 
 if TYPE_CHECKING:  # fleet mode's modules import psycopg: only in fleet mode
@@ -38,10 +41,20 @@ DRAINING = web.AppKey("draining", asyncio.Event)
 FLUSHER = web.AppKey("flusher", Flusher)
 METRICS = web.AppKey("metrics", Metrics)
 MEMBER: web.AppKey[Member] = web.AppKey("member")  # fleet mode only
+CONSUMER = web.AppKey("consumer", NotificationConsumer)  # with SIDECAR_SUBSCRIPTION_QUEUE_URL only
 # The last ingest commit failure, cleared by the next success.
 INGEST_ERROR: web.AppKey[dict[str, Any]] = web.AppKey("ingest_error", dict)
 
+class Registrar(Protocol):
+    """What registration needs of AWS (`marketplace.MeteringClient`)."""
+
+    def resolve_customer(self, token: str) -> Registration: ...
+
+
+REGISTRAR = web.AppKey("registrar", Registrar)  # absent in dry-run mode
 OPEN_PATHS = frozenset({"/healthz", "/metrics"})
+MAX_TOKEN_LEN = 4096
+TOKEN_REFUSED = frozenset({"InvalidTokenException", "ExpiredTokenException"})
 RETRY_AFTER_S = "5"
 
 
@@ -200,14 +213,64 @@ async def put_customer(request: web.Request) -> web.Response:
         ref = CustomerRef.parse(items[0].value, where="body")
     except ValueError as exc:
         return error(422, str(exc))
+    return await _map_tenant(request, tenant, ref, source="api")
+
+
+async def _map_tenant(request: web.Request, tenant: str, ref: CustomerRef, *, source: str,
+                      **extra: Any) -> web.Response:
+    """Store a tenant's mapping (fleet-wide in fleet mode) and answer with it."""
     try:
         if MEMBER in request.app:  # fleet mode: the mapping holds for every member
-            moved = await request.app[MEMBER].fleet.map_tenant(tenant, ref)
+            moved = await request.app[MEMBER].fleet.map_tenant(tenant, ref, source=source)
         else:
-            moved = await request.app[STORE].map_tenant(tenant, ref)
+            moved = await request.app[STORE].map_tenant(tenant, ref, source=source)
     except StoreUnavailable as exc:
         return web.json_response({"error": str(exc)}, status=503, headers={"Retry-After": RETRY_AFTER_S})
-    return web.json_response({"tenant": tenant, "customer": ref.key, "buckets_moved": moved})
+    return web.json_response({"tenant": tenant, "customer": ref.key, **extra, "buckets_moved": moved})
+
+
+async def post_registration(request: web.Request) -> web.Response:
+    """POST /v1/registrations: resolve a buyer's registration token with AWS (ResolveCustomer) and
+    map the tenant to the customer it names. AWS's refusals store nothing."""
+    registrar = request.app.get(REGISTRAR)
+    if registrar is None:
+        return error(503, "registrations call AWS's ResolveCustomer, which a dry run does not do")
+    if request.content_type not in JSON_TYPES:
+        return error(415, "send application/json")
+    body = await read_body(request, 65536)
+    try:
+        items = parse_body(body, "application/json")
+    except BadBody as exc:
+        return error(400, str(exc))
+    if len(items) != 1 or not isinstance(items[0].value, dict) or body.lstrip()[:1] != b"{":
+        return error(422, "body: must be one JSON object")
+    doc = items[0].value
+    unknown = sorted(set(doc) - {"registration_token", "tenant"})
+    if unknown:
+        return error(422, f"body: unknown field(s) {', '.join(map(repr, unknown))}; send registration_token and tenant")
+    token, tenant = doc.get("registration_token"), doc.get("tenant")
+    if not isinstance(token, str) or not 1 <= len(token) <= MAX_TOKEN_LEN:
+        return error(422, f"registration_token: must be a string of 1-{MAX_TOKEN_LEN} characters"
+                          " (the x-amzn-marketplace-token the buyer's browser posted)")
+    if not isinstance(tenant, str) or not valid_tenant(tenant):
+        return error(422, f"tenant: {TENANT_RULE}")
+    try:
+        reg = await asyncio.to_thread(registrar.resolve_customer, token)
+    except RegistrationFailed as exc:
+        log.warning("registration_refused", tenant=tenant, code=exc.code, error=str(exc))
+        if exc.code in TOKEN_REFUSED:
+            return error(400, str(exc), code=exc.code)
+        if exc.retryable:
+            return web.json_response({"error": str(exc), "code": exc.code}, status=503,
+                                     headers={"Retry-After": RETRY_AFTER_S})
+        return error(502, str(exc), code=exc.code)
+    mine = request.app[SETTINGS].product_code
+    if mine and reg.product_code and reg.product_code != mine:
+        return error(409, f"registration_token: the token is for product {reg.product_code!r}; this sidecar"
+                          f" meters {mine!r} (SIDECAR_PRODUCT_CODE)", code="OtherProduct")
+    log.info("customer_registered", tenant=tenant, customer=reg.customer.key, product_code=reg.product_code)
+    return await _map_tenant(request, tenant, reg.customer, source="registration",
+                             product_code=reg.product_code, aws_account_id=reg.aws_account_id)
 
 
 def present_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -217,6 +280,13 @@ def present_row(row: dict[str, Any]) -> dict[str, Any]:
         if key in out:
             out[key] = iso(out[key])
     out["unit_raw"] = out.pop("unit")
+    return out
+
+
+def present_subscription(row: dict[str, Any], *, now: float) -> dict[str, Any]:
+    """A subscriber's row as /usage shows it: times as RFC 3339, and whether its final usage is overdue."""
+    out = {k: iso(v) if k.endswith("_at") else v for k, v in row.items()}
+    out["final_usage_overdue"] = overdue(row, now=now)
     return out
 
 
@@ -248,6 +318,7 @@ async def get_usage(request: web.Request) -> web.Response:
         data["fleet"] = {**member.health(), "members": member.members_seen}
     data["rows"] = [present_row(r) for r in data["rows"]]
     data["parked"] = [present_row(r) for r in data["parked"]]
+    data["subscriptions"] = [present_subscription(r, now=now) for r in data.get("subscriptions", [])]
     if wants_html:
         return web.Response(text=render_usage_page(data, now=now), content_type="text/html",
                             headers={"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"})
@@ -268,10 +339,14 @@ async def get_healthz(request: web.Request) -> web.Response:
     # A full disk is reported, not answered with 503: ECS would replace the task, and the
     # unsent usage in this task's database would go with it.
     # Degraded (still 200): something an operator must act on before AWS's window closes.
-    attention = ingest_error or facts["held_records"] or facts["unconfigured"] or facts["unmapped"]
+    consumer = request.app.get(CONSUMER)
+    attention = (ingest_error or facts["held_records"] or facts["unconfigured"] or facts["unmapped"]
+                 or facts["lifecycle"]["final_usage_overdue"] or (consumer is not None and consumer.error))
     status = "unavailable" if not writable else "degraded" if attention else "ok"
     body = {"status": status, "db_writable": writable, "draining": request.app[DRAINING].is_set(),
             "ingest_error": ingest_error or None, **facts}
+    if consumer is not None:
+        body["lifecycle"] = {**body["lifecycle"], "queue": consumer.health()}
     if MEMBER in request.app:
         member = request.app[MEMBER]
         figures = member.fleet_figures  # as of the last heartbeat
@@ -339,7 +414,7 @@ async def shutdown_flush(app: web.Application, deadline_s: float) -> None:
 
 
 async def fleet_member(app: web.Application, store: MeteringStore, api: MeteringApi | None, *,
-                       background: bool) -> AsyncIterator[None]:
+                       background: bool, queue: QueueApi | None) -> AsyncIterator[None]:
     """Fleet mode's resources: the fleet's store, this member's loops, and its SIGTERM sequence
     (503 for new events, stop leading after the pass under way, ship everything, release the lease)."""
     from sidecar.fleet import Member, member_id_for
@@ -355,11 +430,15 @@ async def fleet_member(app: web.Application, store: MeteringStore, api: Metering
     member = Member(store, fleet, app[FLUSHER], settings, clock, legacy=Flusher(store, api, settings, clock))
     app[MEMBER] = member
     await store.hand_over()
-    app[METRICS].attach(view=store.view, now=clock.now, flusher=app[FLUSHER], member=member)
     stop_ship, stop_lead, stop_prune = asyncio.Event(), asyncio.Event(), asyncio.Event()
     tasks = [asyncio.create_task(member.shipping_loop(stop_ship), name="shipping"),
              asyncio.create_task(member.leading_loop(stop_lead), name="leading"),
              asyncio.create_task(local_loop(app, member, stop_prune), name="local")] if background else []
+    if queue is not None:  # one consumer per fleet: whoever holds the sender lease
+        app[CONSUMER] = NotificationConsumer(queue, fleet, app[FLUSHER], settings, clock)
+    consuming = _consume(app, background, active=lambda: member.leading)
+    app[METRICS].attach(view=store.view, now=clock.now, flusher=app[FLUSHER], member=member,
+                        consumer=app.get(CONSUMER))
     log.info("sidecar_started", db=str(settings.db_path), fleet_member=fleet.member_id, ack=settings.ack,
              dimensions=[d.name for d in settings.dimensions], dry_run=api is None)
     try:
@@ -367,6 +446,7 @@ async def fleet_member(app: web.Application, store: MeteringStore, api: Metering
     finally:
         app[DRAINING].set()
         deadline = time.monotonic() + settings.shutdown_deadline_s
+        await _stop_consuming(consuming)
         for ev in (stop_lead, stop_ship, stop_prune):
             ev.set()
         if tasks:
@@ -397,12 +477,38 @@ async def local_loop(app: web.Application, member: Member, stop: asyncio.Event) 
             await asyncio.wait_for(stop.wait(), timeout=app[SETTINGS].flush_interval_s)
 
 
+def _consume(app: web.Application, background: bool, *,
+             active: Callable[[], bool] = lambda: True) -> tuple[asyncio.Event, asyncio.Task[None]] | None:
+    """Start the subscription queue's consumer, if there is a queue and background work."""
+    consumer = app.get(CONSUMER)
+    if consumer is None or not background:
+        return None
+    stop = asyncio.Event()
+    return stop, asyncio.create_task(consumer.run(stop, active=active), name="subscriptions")
+
+
+async def _stop_consuming(consuming: tuple[asyncio.Event, asyncio.Task[None]] | None) -> None:
+    """Stop the consumer: a long poll under way is abandoned (its messages become visible again)."""
+    if consuming is None:
+        return
+    stop, task = consuming
+    stop.set()
+    try:
+        await asyncio.wait_for(asyncio.shield(task), timeout=1.0)
+    except TimeoutError:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def create_app(settings: Settings, *, clock: Clock | None = None, api: MeteringApi | None = None,
-               background: bool = True) -> web.Application:
+               background: bool = True, queue: QueueApi | None = None,
+               registrar: Registrar | None = None) -> web.Application:
     """The sidecar's aiohttp application.
 
     `api` sends to AWS (None: dry run, requests are only logged). `background=False` leaves the
-    flush loop and the shutdown flush to the caller (tests drive `app[FLUSHER]` directly).
+    flush loop, the queue's consumer and the shutdown flush to the caller (tests drive
+    `app[FLUSHER]` and `app[CONSUMER]` directly). `queue`: the subscription notifications' queue;
+    `registrar`: ResolveCustomer for POST /v1/registrations (None: refused).
     """
     app = web.Application(middlewares=[edge_middleware], client_max_size=settings.max_body_bytes + 1)
     app[SETTINGS] = settings
@@ -410,6 +516,8 @@ def create_app(settings: Settings, *, clock: Clock | None = None, api: MeteringA
     app[DRAINING] = asyncio.Event()
     app[METRICS] = Metrics()
     app[INGEST_ERROR] = {}
+    if registrar is not None:
+        app[REGISTRAR] = registrar
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         started = time.monotonic()
@@ -417,19 +525,23 @@ def create_app(settings: Settings, *, clock: Clock | None = None, api: MeteringA
                                                           on_group=app[METRICS].group_size.observe))
         app[STORE] = store
         if settings.fleet:
-            async for _ in fleet_member(app, store, api, background=background):
+            async for _ in fleet_member(app, store, api, background=background, queue=queue):
                 yield
             return
         app[FLUSHER] = Flusher(store, api, settings, app[CLOCK])
-        app[METRICS].attach(view=store.view, now=app[CLOCK].now, flusher=app[FLUSHER])
+        if queue is not None:
+            app[CONSUMER] = NotificationConsumer(queue, store, app[FLUSHER], settings, app[CLOCK])
+        app[METRICS].attach(view=store.view, now=app[CLOCK].now, flusher=app[FLUSHER], consumer=app.get(CONSUMER))
         stop = asyncio.Event()
         loop_task = asyncio.create_task(maintenance_loop(app, stop)) if background else None
+        consuming = _consume(app, background)
         log.info("sidecar_started", db=str(settings.db_path), synchronous=settings.synchronous,
                  dimensions=[d.name for d in settings.dimensions], dry_run=api is None,
                  startup_ms=round((time.monotonic() - started) * 1000))
         yield
         app[DRAINING].set()
         deadline = time.monotonic() + settings.shutdown_deadline_s
+        await _stop_consuming(consuming)
         if loop_task is not None:
             stop.set()
             try:
@@ -447,6 +559,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None, api: MeteringA
     app.on_shutdown.append(on_shutdown)
     app.router.add_post("/v1/events", post_events)
     app.router.add_put("/v1/customers/{tenant}", put_customer)
+    app.router.add_post("/v1/registrations", post_registration)
     app.router.add_get("/usage", get_usage)
     app.router.add_get("/healthz", get_healthz)
     app.router.add_get("/metrics", get_metrics)

@@ -14,18 +14,19 @@ import urllib.request
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import structlog
 
 from sidecar import logs
-from sidecar.app import present_row
+from sidecar.app import Registrar, present_row, present_subscription
 from sidecar.clock import HOUR_S, Clock, SystemClock, clock_from_env, hour_start
 from sidecar.config import DIMENSION_NAME, Settings, load_settings, validate_for_serving
 from sidecar.errors import BadArgument, ConfigError, DatabaseCorrupt, StoreLocked
 from sidecar.events import NDJSON_TYPES, check_items, parse_body
 from sidecar.flush import Flusher, MeteringApi
 from sidecar.model import REPLAYABLE, BucketState, ParkedState, RecordState, Scheme
+from sidecar.notifications import QueueApi
 from sidecar.store import MeteringStore, UsageFilter, migrate_store, open_store, open_view
 from sidecar.when import WHEN_RULE, parse_when
 
@@ -56,6 +57,15 @@ def metering_client(settings: Settings, env: Mapping[str, str]) -> MeteringApi |
     return MeteringClient(settings, env=env)
 
 
+def subscription_queue(settings: Settings, env: Mapping[str, str]) -> QueueApi | None:
+    """The SQS queue of subscription notifications, when SIDECAR_SUBSCRIPTION_QUEUE_URL names one."""
+    if settings.subscription_queue_url is None:
+        return None
+    from sidecar.marketplace import SubscriptionQueue
+
+    return SubscriptionQueue(settings, env=env)
+
+
 def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """Run the daemon until SIGTERM/SIGINT, then seal the open hour and flush within the deadline."""
     from aiohttp import web
@@ -71,7 +81,9 @@ def cmd_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if env.get("SIDECAR_TEST_CLOCK"):
         structlog.get_logger("sidecar.cli").error("test_clock_in_use", value=env["SIDECAR_TEST_CLOCK"],
                                                   note="SIDECAR_TEST_CLOCK is for tests and demos: never bill with it")
-    app = create_app(settings, api=metering_client(settings, env), clock=clock)
+    api = metering_client(settings, env)
+    app = create_app(settings, api=api, clock=clock, queue=subscription_queue(settings, env),
+                     registrar=cast("Registrar", api) if api is not None else None)
     web.run_app(app, host=settings.listen_host, port=settings.listen_port, print=None,
                 access_log=None, shutdown_timeout=2.0, handle_signals=True)
     return 0
@@ -289,10 +301,12 @@ def cmd_usage(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     rows = [present_row(r) for r in data["rows"]]
     totals = data["totals"]
     parked = [present_row(r) for r in data["parked"]]
+    now = SystemClock().now()
+    subscriptions = [present_subscription(r, now=now) for r in data.get("subscriptions", [])]
     # Fleet mode: every member with its heartbeat age and unshipped backlog, from PostgreSQL.
-    members = view.health(SystemClock().now()).get("members", []) if settings.fleet else []
+    members = view.health(now).get("members", []) if settings.fleet else []
     if args.json:
-        out: dict[str, Any] = {"rows": rows, "totals": totals, "parked": parked}
+        out: dict[str, Any] = {"rows": rows, "totals": totals, "parked": parked, "subscriptions": subscriptions}
         if settings.fleet:
             out["members"] = members
         json.dump(out, sys.stdout, indent=2, default=str)
@@ -309,8 +323,14 @@ def cmd_usage(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         print(f"{t['customer']} {t['dimension']}: events={t['events']} open_raw={t['open_raw']} "
               f"carry_raw={t['carry_raw']} units[{states}]")
     for p in parked:
-        print(f"UNCONFIGURED (parked, not sent) {p['customer']} {p['dimension']}: raw={p['raw']} "
-              f"unit_raw={p['unit_raw']} from hour {p['hour']}: {p['reason']}")
+        print(f"{p['state'].upper()} (parked, not sent) {p['customer']} {p['dimension']}: raw={p['raw']} "
+              f"unit_raw={p['unit_raw']} events={p['events']} from hour {p['hour']}: {p['reason']}")
+    for sub in subscriptions:
+        times = " ".join(f"{k}={sub[k]}" for k in ("subscribed_at", "end_began_at", "ended_at", "failed_at")
+                         if sub.get(k))
+        flag = "  FINAL USAGE OVERDUE" if sub["final_usage_overdue"] else ""
+        print(f"subscription {sub['subscriber']}: {sub['state']} {times} parked_events={sub['parked_events']}"
+              f" unaccepted_records={sub['unaccepted_records']}{flag}")
     for m in members:
         state = "stopped" if m["stopped"] else f"heartbeat {m['heartbeat_age_s']:.0f} s ago"
         print(f"member {m['member_id']}: {state}, {m['backlog']} delta(s) not shipped")

@@ -142,6 +142,8 @@ class Settings:
     ship_interval_s: float = 1.0
     lease_s: float = 15.0
     ack: Literal["local", "fleet"] = "local"
+    subscription_queue_url: str | None = None  # lifecycle: the SQS queue of AWS Marketplace's notifications
+    subscription_wait_s: int = 20  # SQS long poll (ReceiveMessage WaitTimeSeconds, 0-20)
 
     @property
     def fleet(self) -> bool:
@@ -192,6 +194,8 @@ ENV_SETTINGS: Mapping[str, str] = {
     "SIDECAR_SHIP_INTERVAL_S": "ship_interval_s",
     "SIDECAR_LEASE_S": "lease_s",
     "SIDECAR_ACK": "ack",
+    "SIDECAR_SUBSCRIPTION_QUEUE_URL": "subscription_queue_url",
+    "SIDECAR_SUBSCRIPTION_WAIT_S": "subscription_wait_s",
 }
 
 # The type of each numeric or boolean setting.
@@ -216,6 +220,7 @@ _KINDS: Mapping[str, type] = {
     "dry_run": bool,
     "ship_interval_s": float,
     "lease_s": float,
+    "subscription_wait_s": int,
 }
 
 _CHOICES: Mapping[str, tuple[str, ...]] = {
@@ -231,7 +236,7 @@ _CHOICES: Mapping[str, tuple[str, ...]] = {
 _POSITIVE = ("max_body_bytes", "max_queued_events", "max_event_age_s", "retention_s", "flush_interval_s",
              "calls_per_s", "window_s", "connect_timeout_s", "read_timeout_s", "max_backoff_s",
              "shutdown_deadline_s", "heartbeat_hours", "gpus", "ship_interval_s", "lease_s")
-_NON_NEGATIVE = ("hour_grace_s", "window_margin_s", "spike_factor")
+_NON_NEGATIVE = ("hour_grace_s", "window_margin_s", "spike_factor", "subscription_wait_s")
 
 
 def load_settings(env: Mapping[str, str], *, require_region: bool = False) -> Settings:
@@ -302,6 +307,11 @@ def _convert(key: str, where: str, value: Any) -> dict[str, Any]:
         return {"token": token or None}
     if key == "product_code":
         return {"product_code": str(value) or None}
+    if key == "subscription_queue_url":
+        text = str(value).strip()
+        if text and not text.startswith(("https://", "http://")):
+            raise ConfigError(f"{where}: must be the queue's URL (https://sqs.<region>.amazonaws.com/<account>/<name>)")
+        return {key: text or None}
     if key in ("fleet_url", "member_id"):
         text = str(value).strip()
         if key == "member_id" and text and (len(text) > 256 or CONTROL_CHARS.search(text)):
@@ -464,6 +474,8 @@ def validate_for_serving(settings: Settings) -> None:
     """Checks that only matter for a listening daemon (e.g. a token off loopback)."""
     if settings.fleet:
         validate_for_fleet(settings)
+    if settings.subscription_wait_s > 20:
+        raise ConfigError("SIDECAR_SUBSCRIPTION_WAIT_S: must be 0-20 seconds (SQS's longest poll)")
     if not is_loopback(settings.listen_host) and not settings.token:
         raise ConfigError(
             f"SIDECAR_LISTEN: {settings.listen_host} is not a loopback address; "

@@ -62,3 +62,12 @@ class BadArgument(SidecarError):
 
 class LeaseLost(SidecarError):
     """Raised inside a fleet leader's transaction when it no longer holds the sender lease at its epoch."""
+
+
+class RegistrationFailed(SidecarError):
+    """Raised when ResolveCustomer refuses a registration token or cannot be reached."""
+
+    def __init__(self, code: str, message: str, *, retryable: bool) -> None:
+        super().__init__(f"{code}: {message}".rstrip(": "))
+        self.code = code
+        self.retryable = retryable  # throttling, AWS's own errors, the network: the caller may try again

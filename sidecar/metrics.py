@@ -41,12 +41,15 @@ class Metrics:
             ["result"], registry=self.registry)
         self.pruned = Counter("sidecar_events_pruned_total", "Event rows deleted by retention.", registry=self.registry)
 
-    def attach(self, *, view: UsageReader, now: Callable[[], float], flusher: Any, member: Any = None) -> None:
+    def attach(self, *, view: UsageReader, now: Callable[[], float], flusher: Any, member: Any = None,
+               consumer: Any = None) -> None:
         """Add the scrape-time collector that reads state from the database and the flusher (and, in
-        fleet mode, this member's shipping and lease figures)."""
-        self.registry.register(_StateCollector(view, now, flusher))
+        fleet mode, this member's shipping and lease figures; with a subscription queue, its consumer's)."""
+        self.registry.register(_StateCollector(view, now, flusher, lifecycle=member is None))
         if member is not None:
             self.registry.register(_FleetCollector(member))
+        if consumer is not None:
+            self.registry.register(_ConsumerCollector(consumer))
 
     def render(self) -> bytes:
         """The text exposition format."""
@@ -54,10 +57,11 @@ class Metrics:
 
 
 class _StateCollector(Collector):
-    def __init__(self, view: UsageReader, now: Callable[[], float], flusher: Any) -> None:
+    def __init__(self, view: UsageReader, now: Callable[[], float], flusher: Any, *, lifecycle: bool) -> None:
         self.view = view
         self.now = now
         self.flusher = flusher
+        self.lifecycle = lifecycle  # fleet mode: the fleet's figures say it (_FleetCollector)
 
     def describe(self) -> list[Metric]:
         return []
@@ -121,6 +125,8 @@ class _StateCollector(Collector):
                 gpu_hour_at.add_metric([g["dimension"]], g["hour"])
         yield from (buckets, records, oldest, size, unmapped_age, unmapped_raw, parked, settled_raw, gpu_total,
                     gpu_hour, gpu_hour_at)
+        if self.lifecycle:
+            yield from lifecycle_families((figures or {}).get("lifecycle"))
         calls = CounterMetricFamily("sidecar_marketplace_calls", "BatchMeterUsage calls by outcome.",
                                     labels=["outcome"])
         for outcome, n in sorted(self.flusher.calls_by_outcome.items()):
@@ -167,3 +173,49 @@ class _FleetCollector(Collector):
                 beat.add_metric([row["member_id"]], row["heartbeat_age_s"])
                 member_backlog.add_metric([row["member_id"]], row["backlog"])
         yield from (backlog, age, failing, leader, shipped, beat, member_backlog)
+        yield from lifecycle_families(m.fleet_figures.get("lifecycle"))
+
+
+def lifecycle_families(summary: dict[str, Any] | None) -> Iterator[Metric]:
+    """The customer lifecycle's gauges from a store's lifecycle summary (`store.lifecycle.summary`)."""
+    summary = summary or {"customers_by_state": {}, "parked_after_end_customers": 0, "parked_after_end_events": 0,
+                          "final_usage_overdue": []}
+    states = GaugeMetricFamily("sidecar_lifecycle_customers", "Customers by subscription state (from the queue).",
+                               labels=["state"])
+    for state, n in sorted(summary["customers_by_state"].items()):
+        states.add_metric([state], n)
+    parked = GaugeMetricFamily(
+        "sidecar_lifecycle_parked_after_end_events",
+        "Events of customers whose subscription had ended: stored, parked, never sent; alarm when it grows.")
+    parked.add_metric([], summary["parked_after_end_events"])
+    overdue = GaugeMetricFamily(
+        "sidecar_lifecycle_final_usage_overdue_customers",
+        "Customers whose agreement began to end 30 min ago or more with records not yet accepted by AWS; alarm > 0.")
+    overdue.add_metric([], len(summary["final_usage_overdue"]))
+    yield from (states, parked, overdue)
+
+
+class _ConsumerCollector(Collector):
+    """The subscription queue's consumer: messages by result, failing, the last end's latency."""
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        health = self.consumer.health()
+        messages = CounterMetricFamily(
+            "sidecar_subscription_messages",
+            "Queue messages by result: applied, duplicate, unparseable and other_product (left for the DLQ).",
+            labels=["result"])
+        for result, n in sorted(health["messages"].items()):
+            messages.add_metric([result], n)
+        failing = GaugeMetricFamily("sidecar_subscription_queue_failing", "1 while polling the queue fails.")
+        failing.add_metric([], 1 if health["error"] else 0)
+        latency = GaugeMetricFamily(
+            "sidecar_lifecycle_final_usage_seconds",
+            "For the last agreement that began to end: seconds from its message to AWS's answer on its final usage.")
+        latency.add_metric([], health["final_usage_s"] or 0.0)
+        yield from (messages, failing, latency)

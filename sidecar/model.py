@@ -162,6 +162,7 @@ class ParkedState(StrEnum):
 
     UNCONFIGURED = "unconfigured"  # its dimension is gone or has another unit
     RELEASED = "released"
+    ENDED = "ended"  # the customer's subscription had ended: AWS no longer accepts their records
 
 
 # ---- dimension sources ---------------------------------------------------------------------------

@@ -187,12 +187,39 @@ def alerts(health: dict[str, Any], parked: list[dict[str, Any]]) -> str:
     if health.get("held_records"):
         out.append(f'<div class="alert" id="held"><b>Held:</b> {health["held_records"]} record(s) tripped a'
                    " quantity guardrail and are not sent; check them, then `sidecar release --state held`.</div>")
-    if parked:
-        dims = ", ".join(sorted({escape(str(p["dimension"])) for p in parked}))
-        out.append(f'<div class="alert" id="unconfigured"><b>Unconfigured:</b> {len(parked)} parcel(s) of usage'
-                   f" for dimension(s) {dims} that the running configuration does not bill are parked;"
+    unconfigured = [p for p in parked if p.get("state") != "ended"]
+    if unconfigured:
+        dims = ", ".join(sorted({escape(str(p["dimension"])) for p in unconfigured}))
+        out.append(f'<div class="alert" id="unconfigured"><b>Unconfigured:</b> {len(unconfigured)} parcel(s) of'
+                   f" usage for dimension(s) {dims} that the running configuration does not bill are parked;"
                    " `sidecar release --state unconfigured --dimension OLD=NEW`.</div>")
+    overdue = (health.get("lifecycle") or {}).get("final_usage_overdue") or []
+    if overdue:
+        who = ", ".join(escape(str(c)) for c in overdue[:10])
+        out.append(f'<div class="alert" id="final-usage"><b>Final usage overdue:</b> the agreement of {who} began'
+                   " to end 30 minutes ago or more and AWS has not accepted all of their records; AWS refuses"
+                   " them once the end is final.</div>")
+    ended = [p for p in parked if p.get("state") == "ended"]
+    if ended:
+        who = ", ".join(sorted({escape(str(p["customer"])) for p in ended})[:10])
+        out.append(f'<div class="alert" id="ended"><b>Served after the end:</b> {sum(int(p["events"]) for p in ended)}'
+                   f" event(s) of {who}, whose subscription ended, are parked and never sent; revoke their"
+                   " access.</div>")
     return "".join(out)
+
+
+SUBSCRIPTION_COLUMNS = ("subscriber", "state", "subscribed_at", "end_began_at", "ended_at", "failed_at",
+                        "parked_events", "unaccepted_records", "final_usage_overdue")
+
+
+def subscriptions_table(subs: list[dict[str, Any]]) -> str:
+    """Each customer's subscription state and times (from the notifications queue)."""
+    if not subs:
+        return ""
+    head = "".join(f"<th>{escape(c)}</th>" for c in SUBSCRIPTION_COLUMNS)
+    body = "".join("<tr>" + "".join(cell(c, r.get(c)) for c in SUBSCRIPTION_COLUMNS) + "</tr>" for r in subs)
+    return (f'<h2>Subscriptions <span class="muted">({len(subs)})</span></h2><div class="table-box" id="subscriptions">'
+            f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
 
 
 def render_usage_page(data: dict[str, Any], *, now: float) -> str:
@@ -212,6 +239,7 @@ def render_usage_page(data: dict[str, Any], *, now: float) -> str:
                    f"<h2>Buckets <span class=\"muted\">({len(rows)} rows)</span></h2>{table(rows)}")
     else:
         content = '<p class="empty">No usage yet: no events have been stored.</p>'
+    content += subscriptions_table(list(data.get("subscriptions") or []))
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'

@@ -21,6 +21,7 @@ from sidecar.model import (
     tenant_key,
     valid_tenant,
 )
+from sidecar.subscriptions import SubscriptionState
 
 STORE = Path(__file__).resolve().parent.parent / "sidecar" / "store"
 # Literals SQL compares a state column with: `state = 'x'`, `state IN ('x', 'y')`, `VALUES (..., 'x')`.
@@ -37,7 +38,7 @@ def sql_state_literals() -> set[str]:
 
 def test_every_state_the_store_sql_names_is_a_model_state() -> None:
     """A typo in a SQL state literal ('pendng') would silently match nothing; each must be a model state."""
-    known = {s.value for e in (BucketState, RecordState, ParkedState, HoldOutcome) for s in e}
+    known = {s.value for e in (BucketState, RecordState, ParkedState, HoldOutcome, SubscriptionState) for s in e}
     literals = sql_state_literals()
     assert literals, "the pattern found no state literal at all"
     assert literals <= known, literals - known

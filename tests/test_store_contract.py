@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import T0, event
+from helpers import ACCOUNT, T0, event
 
 from sidecar.clock import HOUR_S, ManualClock, hour_start
 from sidecar.config import DEFAULT_DIMENSIONS, CustomerRef, Dimension, Settings
@@ -20,6 +20,7 @@ from sidecar.store import MeteringStore, UsageFilter, open_store
 from sidecar.store.pg import FleetStore, FleetView
 from sidecar.store.protocol import SendingStore
 from sidecar.store.records import DueRecord, Settlement
+from sidecar.subscriptions import Change, Notice
 
 H10 = hour_start(T0)
 H09 = H10 - HOUR_S
@@ -364,3 +365,112 @@ def test_every_backend_has_the_whole_protocol(backend: Opened) -> None:
     """Each backend's store has every method of MeteringStore (mypy checks the signatures)."""
     wanted = {n for n in dir(MeteringStore) if not n.startswith("_")}
     assert wanted <= set(dir(backend.store))
+
+
+# ---- the customer lifecycle: an ending agreement's usage sealed at once and sent first, later usage
+# into a later hour, usage after the end parked, a re-subscribe resuming, duplicate and older
+# notifications changing nothing.
+
+A = {"customer_identifier": "cust-a"}
+B = {"customer_identifier": "cust-b"}
+KINDS = {Change.SUBSCRIBED: "subscribe-success", Change.END_BEGAN: "unsubscribe-pending",
+         Change.ENDED: "unsubscribe-success", Change.FAILED: "subscribe-fail"}
+
+
+def notice(change: Change, at: float, subscriber: str = "identifier:cust-a") -> Notice:
+    """A parsed notification, as the queue's consumer hands it to the store."""
+    return Notice(change=change, subscriber=subscriber, product_code="prod-c", at=int(at), kind=KINDS[change],
+                  shape="sns", message_id=None)
+
+
+def by_key(store: Any, customer: str) -> dict[tuple[str, int], dict[str, Any]]:
+    """A customer's bucket rows by (dimension, hour)."""
+    return {(r["dimension"], r["hour"]): r for r in rows(store, customer=customer)}
+
+
+async def test_an_ending_agreement_seals_that_customer_now_and_is_claimed_first(backend: Opened) -> None:
+    """unsubscribe-pending seals and freezes the customer's open usage, current hour included;
+    another customer's hour stays open; the ending customer's records go before older ones."""
+    store, clock = backend
+    await ingest(store, clock, event("b9", when=H09 + 60, customer=B), event("a10", when=H10 + 30, customer=A),
+                 event("b10", when=H10 + 40, customer=B))
+    clock.set(SEALED)
+    await store.prepare_flush(now=clock.now())  # cust-b's 09:00 is pending: older than anything of cust-a
+    result = await store.apply_notice(notice(Change.END_BEGAN, clock.now()), now=clock.now())
+    assert (result.changed, result.state, result.sealed, result.frozen) == (True, "pending_end", 2, 2)
+    assert {r["state"] for r in by_key(store, "identifier:cust-a").values()} == {"pending"}
+    assert {r["state"] for k, r in by_key(store, "identifier:cust-b").items() if k[1] == H10} == {"open"}
+    first = await store.claim(now=clock.now(), limit=2)
+    assert {r.payload["CustomerIdentifier"] for r in first} == {"cust-a"}
+    assert {r.payload["Timestamp"] for r in first} == {H10 + 30}
+
+
+async def test_usage_after_the_final_seal_goes_into_the_next_hour_and_is_sealed_when_it_begins(
+        backend: Opened) -> None:
+    """AWS keeps one record per customer-hour: later usage of an ending customer is carried into the
+    next hour, whose bucket is sealed as soon as that hour has begun (not an hour later)."""
+    store, clock = backend
+    await ingest(store, clock, event(1, when=H10 + 30))
+    await store.apply_notice(notice(Change.END_BEGAN, clock.now()), now=clock.now())
+    await ingest(store, clock, event(2, when=clock.now() - 5))
+    later = by_key(store, "identifier:cust-a")[("inference-requests", H10 + HOUR_S)]
+    assert (later["state"], later["raw"], later["carried_in"]) == ("open", 1, 1)
+    await store.prepare_flush(now=clock.now())
+    assert by_key(store, "identifier:cust-a")[("inference-requests", H10 + HOUR_S)]["state"] == "open"
+    clock.set(H10 + HOUR_S + 1)  # the next hour has begun; the store's own grace has not passed
+    await store.prepare_flush(now=clock.now())
+    sealed = by_key(store, "identifier:cust-a")[("inference-requests", H10 + HOUR_S)]
+    assert sealed["state"] == "pending" and sealed["record_timestamp"] == H10 + HOUR_S
+
+
+async def test_after_the_end_usage_is_parked_and_a_resubscribe_resumes(backend: Opened) -> None:
+    """unsubscribe-success parks the open usage and every later event (stored, visible, never
+    sent); a newer subscribe-success meters new usage again."""
+    store, clock = backend
+    await ingest(store, clock, event(1, when=H10 + 30))
+    result = await store.apply_notice(notice(Change.ENDED, clock.now()), now=clock.now())
+    assert (result.state, result.parked) == ("ended", 2)
+    assert await ingest(store, clock, event(2, when=H10 + 60)) == (1, 0)
+    assert rows(store, customer="identifier:cust-a") == []
+    parked = store.view.usage(UsageFilter())["parked"]
+    assert {(p["dimension"], p["state"], p["events"]) for p in parked} == {("inference-requests", "ended", 2),
+                                                                          ("tokens-processed", "ended", 2)}
+    clock.set(SEALED + HOUR_S)
+    await store.prepare_flush(now=clock.now())
+    assert await store.claim(now=clock.now(), limit=25) == []
+    await store.apply_notice(notice(Change.SUBSCRIBED, clock.now()), now=clock.now())
+    await ingest(store, clock, event(3, when=clock.now() - 5))
+    assert {r["state"] for r in rows(store, customer="identifier:cust-a")} == {"open"}
+
+
+async def test_duplicates_and_older_notifications_change_nothing(backend: Opened) -> None:
+    """The same notification again, or an older one arriving after a newer one, changes nothing."""
+    store, clock = backend
+    await ingest(store, clock, event(1, when=H10 + 30))
+    ended = notice(Change.ENDED, clock.now())
+    assert (await store.apply_notice(ended, now=clock.now())).changed
+    again = await store.apply_notice(ended, now=clock.now())
+    assert (again.changed, again.state) == (False, "ended")
+    older = await store.apply_notice(notice(Change.END_BEGAN, clock.now() - 600), now=clock.now())
+    assert older.state == "ended" and older.sealed == 0
+    subs = {s["subscriber"]: s for s in store.view.usage(
+        UsageFilter())["subscriptions"]}
+    assert subs["identifier:cust-a"]["state"] == "ended"
+    assert subs["identifier:cust-a"]["end_began_at"] == int(clock.now() - 600)
+
+
+async def test_an_account_subscriber_covers_its_licence_customer(backend: Opened) -> None:
+    """Notifications name an account; the customer keyed by account + licence follows them."""
+    store, clock = backend
+    await ingest(store, clock, event(1, when=H10 + 30, customer=ACCOUNT))
+    result = await store.apply_notice(notice(Change.END_BEGAN, clock.now(), subscriber="account:123456789012"),
+                                      now=clock.now())
+    assert result.frozen == 2
+    batch = await store.claim(now=clock.now(), limit=25)
+    assert {r.payload["CustomerAWSAccountId"] for r in batch} == {"123456789012"}
+    await store.settle([Settlement(record=r.id, outcome="sent", status="Success") for r in batch], now=clock.now())
+    await store.apply_notice(notice(Change.ENDED, clock.now() + 60, subscriber="account:123456789012"),
+                             now=clock.now())
+    await ingest(store, clock, event(2, when=clock.now() - 5, customer=ACCOUNT))
+    sent = {r["state"] for r in rows(store)}
+    assert sent == {"sent"}  # the later event was parked, not added to a bucket

@@ -18,11 +18,13 @@ from dataclasses import dataclass
 
 import structlog
 
+from sidecar import subscriptions
 from sidecar.clock import HOUR_S, Clock, hour_start
 from sidecar.config import MAX_QUANTITY, Dimension, Settings
 from sidecar.events import UsageEvent
 from sidecar.model import BucketState, CustomerRef, is_tenant_key, tenant_key
-from sidecar.store import outbox, records
+from sidecar.store import lifecycle, outbox, records
+from sidecar.subscriptions import Notice, SubscriptionState, subscriber_of
 from sidecar.usage import (
     BucketKey,
     Delta,
@@ -70,6 +72,9 @@ class Buckets:
         self._on_commit: list[Callable[[], object]] = []  # in-memory updates to apply once committed
         self._known_customers: set[str] = set()  # customer rows known to be committed
         self._pending_customers: set[str] = set()  # written in the transaction under way
+        self._floors: dict[str, int] = {}  # customer -> its hours before this are sealed (an ending agreement)
+        self._ending: set[str] = set()  # subscribers whose agreement is ending: their usage is sealed early
+        self._ended: set[str] = set()  # subscribers whose subscription ended: their usage is parked
 
     def load(self, conn: sqlite3.Connection, *, owner: bool) -> None:
         """Read the tenant map and the watermark; the owner (serve, flush) also decides a birth."""
@@ -78,6 +83,9 @@ class Buckets:
         # command beside the daemon (replay, release) must not move either.
         self._watermark = self._birth(conn) if owner else (_meta_int(conn, WATERMARK_KEY) or 0)
         self._record_dimensions(conn)
+        self._floors = {r[0]: r[1] for r in conn.execute("SELECT customer, sealed_before FROM customer_floors")}
+        self._ending = lifecycle.by_state(conn, SubscriptionState.PENDING_END)
+        self._ended = lifecycle.by_state(conn, SubscriptionState.ENDED)
 
     def committed(self) -> None:
         """Apply the in-memory updates of the transaction that just committed."""
@@ -161,7 +169,7 @@ class Buckets:
                     customer = mapped if mapped is not None else tenant_key(ev.tenant)
                     if mapped is None:
                         new_customers.setdefault(customer, ev.tenant)
-                hour, late = target_hour(ev.time, now=now, watermark=watermark)
+                hour, late = target_hour(ev.time, now=now, watermark=max(watermark, self._floors.get(customer, 0)))
                 rows.append((ev.event_id, int(ev.time), now_s, customer, ev.tenant, hour, ev.model,
                              ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens, ev.gpu_micros, ev.finish))
                 if shipping is None:
@@ -221,11 +229,18 @@ class Buckets:
         rows = []
         now = int(self.clock.now())
         for (c, d, h), dl in deltas.items():
+            if self._ended and subscriber_of(c) in self._ended:  # AWS would refuse it: kept, never sent
+                records.park_ended(conn, customer=c, dimension=d, hour=h, unit=dl.unit, raw=dl.raw,
+                                   events=dl.events, first_event_at=dl.first_event_at, now=now)
+                continue
             problem = self.unbillable(d, dl.unit)
             if problem is not None:
                 records.park(conn, customer=c, dimension=d, hour=h, unit=dl.unit, raw=dl.raw, events=dl.events,
                              first_event_at=dl.first_event_at, reason=problem, now=now)
                 continue
+            floor = self._floors.get(c, 0)
+            if h < floor:  # the customer's final usage was sealed up to `floor`: this goes into a later hour
+                h, dl.carried_in = floor, dl.raw
             rows.append((c, d, h, BucketState.UNMAPPED if is_tenant_key(c) else BucketState.OPEN, dl.raw, dl.events,
                          dl.carried_in, dl.first_event_at, dl.unit))
         if not rows:
@@ -289,6 +304,22 @@ class Buckets:
             " WHERE state = 'open' AND hour < ? ORDER BY hour, customer, dimension",
             (watermark,),
         ).fetchall()
+        sealed = self._seal_rows(conn, rows, now=now)
+        _set_meta(conn, WATERMARK_KEY, watermark)
+        _set_meta(conn, ALIVE_KEY, int(now))
+        if final:
+            self._settle_remainders(conn, sealed_before=watermark, now=int(now))
+            self._on_commit.append(functools.partial(setattr, self, "_final_sealed", True))
+        self._on_commit.append(functools.partial(setattr, self, "_watermark", watermark))
+        if rows:
+            log.info("hours_sealed", buckets=sealed, parked=len(rows) - sealed, sealed_before=watermark)
+        if self._ending:
+            sealed += self._seal_ahead(conn, self._ending, before=hour_start(now) + HOUR_S, now=now)
+        return sealed
+
+    def _seal_rows(self, conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, now: float) -> int:
+        """Seal these open buckets (oldest hour first): whole units now, the remainder carried on.
+        Returns how many were sealed; the others (a dimension the release dropped) are parked."""
         parked = 0
         engine_hours: set[tuple[int, Dimension]] = set()
         for r in rows:
@@ -323,15 +354,67 @@ class Buckets:
             )
         for hour, dim in engine_hours:  # beside what engine_time billed: the GPU time that passed
             _add_gpu_time(conn, hour, dim, wall_us=_busy_us(conn, hour) * self.settings.gpus)
-        _set_meta(conn, WATERMARK_KEY, watermark)
-        _set_meta(conn, ALIVE_KEY, int(now))
-        if final:
-            self._settle_remainders(conn, sealed_before=watermark, now=int(now))
-            self._on_commit.append(functools.partial(setattr, self, "_final_sealed", True))
-        self._on_commit.append(functools.partial(setattr, self, "_watermark", watermark))
-        if rows:
-            log.info("hours_sealed", buckets=len(rows) - parked, parked=parked, sealed_before=watermark)
         return len(rows) - parked
+
+    def _seal_ahead(self, conn: sqlite3.Connection, subscribers: set[str], *, before: int, now: float) -> int:
+        """Seal the open buckets of these subscribers' customers for every hour starting before
+        `before` (the current hour included), ahead of the store's watermark: their agreement is
+        ending and AWS takes their records for about one hour more. Their later usage goes into a
+        later hour (`_floors`), sealed as soon as that hour has begun."""
+        customers = sorted({c for s in subscribers for c in lifecycle.customers_of(conn, s)})
+        if not customers:
+            return 0
+        rows = conn.execute(
+            "SELECT customer, dimension, hour, raw, unit, events, first_event_at FROM buckets"
+            " WHERE state = 'open' AND hour < ? AND customer IN (SELECT value FROM json_each(?))"
+            " ORDER BY hour, customer, dimension", (before, json.dumps(customers))).fetchall()
+        sealed = self._seal_rows(conn, rows, now=now)
+        moved = [c for c in customers if self._floors.get(c, 0) < before]
+        conn.executemany("INSERT INTO customer_floors (customer, sealed_before) VALUES (?,?) ON CONFLICT (customer)"
+                         " DO UPDATE SET sealed_before = max(sealed_before, excluded.sealed_before)",
+                         [(c, before) for c in moved])
+        self._on_commit.append(functools.partial(self._floors.update, dict.fromkeys(moved, before)))
+        if rows:
+            log.warning("final_usage_sealed", customers=len(customers), buckets=sealed, sealed_before=before)
+        return sealed
+
+    def apply_notice(self, conn: sqlite3.Connection, notice: Notice, *, now: float) -> lifecycle.NoticeResult:
+        """Apply one subscription notification: store the subscriber's new state; an agreement
+        ending seals that customer's open usage now (frozen, to be sent before anything else); an
+        end parks what is still open. A duplicate or an older notification changes nothing."""
+        current = lifecycle.read(conn, notice.subscriber)
+        new = subscriptions.apply(current, notice)
+        if new is None:
+            return lifecycle.NoticeResult(changed=False, state=None if current is None else current.state.value)
+        lifecycle.write(conn, new, notice, now)
+        who = notice.subscriber
+        for cache, state in ((self._ending, SubscriptionState.PENDING_END), (self._ended, SubscriptionState.ENDED)):
+            self._on_commit.append(functools.partial(cache.add if new.state == state else cache.discard, who))
+        sealed = frozen = parked = 0
+        if new.state == SubscriptionState.PENDING_END and (current is None or current.state != new.state):
+            sealed = self._seal_ahead(conn, {who}, before=hour_start(now) + HOUR_S, now=now)
+            frozen = self.freeze(conn, now=now)
+        elif new.state == SubscriptionState.ENDED:
+            parked = self._park_open(conn, who, now=int(now))
+        log.info("subscription_changed", subscriber=who, state=new.state.value, kind=notice.kind,
+                 at=notice.at, sealed=sealed, frozen=frozen, parked=parked)
+        return lifecycle.NoticeResult(changed=True, state=new.state.value, sealed=sealed, frozen=frozen,
+                                      parked=parked)
+
+    def _park_open(self, conn: sqlite3.Connection, subscriber: str, *, now: int) -> int:
+        """Park the open usage of a subscriber whose subscription ended (AWS no longer accepts it)."""
+        customers = lifecycle.customers_of(conn, subscriber)
+        rows = conn.execute(
+            "SELECT customer, dimension, hour, raw, unit, events, first_event_at FROM buckets"
+            " WHERE state = 'open' AND customer IN (SELECT value FROM json_each(?))", (json.dumps(customers),)
+        ).fetchall()
+        for r in rows:
+            records.park_ended(conn, customer=r["customer"], dimension=r["dimension"], hour=r["hour"],
+                               unit=r["unit"], raw=r["raw"], events=r["events"],
+                               first_event_at=r["first_event_at"], now=now)
+            conn.execute("DELETE FROM buckets WHERE customer = ? AND dimension = ? AND hour = ?",
+                         (r["customer"], r["dimension"], r["hour"]))
+        return len(rows)
 
     def _record_intervals(self, conn: sqlite3.Connection, intervals: list[tuple[str, str, int, int, int]], *,
                           now: float, watermark: int) -> None:

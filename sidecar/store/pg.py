@@ -43,11 +43,12 @@ from sidecar.model import (
     is_tenant_key,
     tenant_key,
 )
-from sidecar.store import queries, records
+from sidecar.store import lifecycle, queries, records
 from sidecar.store.db import schema_dir
 from sidecar.store.outbox import ShippedDelta
 from sidecar.store.queries import UsageFilter
 from sidecar.store.records import DueRecord, Settlement
+from sidecar.subscriptions import Notice, SubscriptionState, apply
 from sidecar.usage import guardrail, record_timestamp, sealing_watermark, settle_remainder
 
 log = structlog.get_logger("sidecar.fleet")
@@ -232,6 +233,7 @@ class FleetStore:
         if not sums:
             return
         await self._ensure_customers(conn, {k[0] for k in sums})
+        sums = await self._follow_lifecycle(conn, sums, now=now)
         keep, park = await self._one_unit_per_bucket(conn, sums)
         rows = [(c, dim, h, unit, BucketState.UNMAPPED if is_tenant_key(c) else BucketState.OPEN, *sums[k])
                 for k in keep for (c, dim, h, unit) in [k]]
@@ -253,6 +255,47 @@ class FleetStore:
         for (c, dim, h, unit), why in park.items():
             log.error("usage_parked", customer=c, dimension=dim, hour=h, unit=unit, raw=sums[(c, dim, h, unit)][0],
                       reason=why, hint="the fleet's members disagree on this dimension's unit; finish the rollout")
+
+    async def _follow_lifecycle(self, conn: AsyncConnection[Any], sums: Sums, *, now: float) -> Sums:
+        """Usage of a customer whose subscription ended is parked (never sent); usage of a customer
+        whose final usage was sealed ahead of the fleet's watermark goes into a later hour."""
+        customers = sorted({k[0] for k in sums})
+        cur = await conn.execute(
+            "SELECT u.customer, f.sealed_before, s.state FROM unnest(%s::text[]) AS u(customer)"
+            " LEFT JOIN customer_floors f ON f.customer = u.customer"
+            f" LEFT JOIN subscriptions s ON s.subscriber = {lifecycle.subscriber_sql('u.customer', pg=True)}"
+            "   AND s.state = 'ended'", (customers,))
+        found = {r["customer"]: r for r in await cur.fetchall()}
+        if not any(r["sealed_before"] is not None or r["state"] is not None for r in found.values()):
+            return sums
+        out: Sums = {}
+        for (c, dim, h, unit), (raw, events, carried_in, first) in sums.items():
+            row = found[c]
+            if row["state"] is not None:
+                await self._park_ended(conn, (c, dim, h, unit), raw=raw, events=events, first_event_at=first,
+                                       now=now)
+                continue
+            floor = int(row["sealed_before"] or 0)
+            late = h < floor  # the customer's final usage was sealed up to `floor`
+            _add(out, (c, dim, floor if late else h, unit), raw=raw, events=events,
+                 carried_in=raw if late else carried_in, first_event_at=first)
+        return out
+
+    async def _park_ended(self, conn: AsyncConnection[Any], key: UnitKey, *, raw: int, events: int,
+                          first_event_at: int, now: float) -> None:
+        """Keep usage of a customer whose subscription ended, one row per bucket key and unit."""
+        cur = await conn.execute(
+            "UPDATE parked SET raw = raw + %s, events = events + %s, first_event_at = least(first_event_at, %s),"
+            " parked_at = %s WHERE (customer, dimension, hour, unit) = (%s, %s, %s, %s) AND state = 'ended'",
+            (raw, events, first_event_at, int(now), *key))
+        if cur.rowcount:
+            return
+        await conn.execute(
+            "INSERT INTO parked (customer, dimension, hour, unit, raw, events, first_event_at, reason, parked_at,"
+            " state) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,'ended')",
+            (*key, raw, events, first_event_at, records.ENDED_REASON, int(now)))
+        log.warning("usage_parked_after_end", customer=key[0], dimension=key[1], hour=key[2], raw=raw,
+                    note="the customer's subscription ended; AWS no longer accepts their records")
 
     async def _one_unit_per_bucket(self, conn: AsyncConnection[Any], sums: Sums
                                    ) -> tuple[list[UnitKey], dict[UnitKey, str]]:
@@ -417,25 +460,104 @@ class FleetStore:
                                  (watermark,))
         sealed = 0
         for hour in [int(r["hour"]) for r in await cur.fetchall()]:
-            # Each bucket's carry joins by primary key (no self-join: linear in the hour's buckets);
-            # the sealing UPDATE then reads that remainder_in as the row's old value.
-            await conn.execute(
-                "UPDATE buckets b SET remainder_in = c.raw FROM carries c WHERE b.state = 'open' AND b.hour = %s"
-                " AND (c.customer, c.dimension) = (b.customer, b.dimension)", (hour,))
-            cur = await conn.execute(
-                "WITH done AS (UPDATE buckets SET state = 'sealed', remainder_in = coalesce(remainder_in, 0),"
-                "   quantity = least((raw + coalesce(remainder_in, 0)) / unit, %(max)s),"
-                "   remainder = raw + coalesce(remainder_in, 0) - least((raw + coalesce(remainder_in, 0)) / unit,"
-                "   %(max)s) * unit, sealed_at = %(now)s WHERE state = 'open' AND hour = %(h)s"
-                "   RETURNING customer, dimension, remainder)"
-                " INSERT INTO carries (customer, dimension, raw) SELECT customer, dimension, remainder FROM done"
-                " ON CONFLICT (customer, dimension) DO UPDATE SET raw = excluded.raw",
-                {"h": hour, "max": MAX_QUANTITY, "now": int(now)})
-            sealed += cur.rowcount
+            sealed += await self._seal_hour(conn, hour, now=now)
         await conn.execute("UPDATE meta SET value = %s WHERE key = 'sealed_before'", (watermark,))
         if sealed:
             log.info("fleet_hours_sealed", buckets=sealed, sealed_before=watermark)
+        cur = await conn.execute("SELECT subscriber FROM subscriptions WHERE state = 'pending_end'")
+        ending = [r["subscriber"] for r in await cur.fetchall()]
+        if ending:
+            sealed += await self._seal_ahead(conn, ending, before=hour_start(now) + HOUR_S, now=now)
         return sealed
+
+    async def _seal_hour(self, conn: AsyncConnection[Any], hour: int, *, now: float,
+                         customers: list[str] | None = None) -> int:
+        """Seal the open buckets of one hour (of these customers only, if given) in two statements."""
+        only = "" if customers is None else " AND b.customer = ANY(%(c)s)"
+        # Each bucket's carry joins by primary key (no self-join: linear in the hour's buckets);
+        # the sealing UPDATE then reads that remainder_in as the row's old value.
+        await conn.execute(
+            "UPDATE buckets b SET remainder_in = c.raw FROM carries c WHERE b.state = 'open' AND b.hour = %(h)s"
+            f" AND (c.customer, c.dimension) = (b.customer, b.dimension){only}", {"h": hour, "c": customers})
+        cur = await conn.execute(
+            "WITH done AS (UPDATE buckets b SET state = 'sealed', remainder_in = coalesce(remainder_in, 0),"
+            "   quantity = least((raw + coalesce(remainder_in, 0)) / unit, %(max)s),"
+            "   remainder = raw + coalesce(remainder_in, 0) - least((raw + coalesce(remainder_in, 0)) / unit,"
+            f"   %(max)s) * unit, sealed_at = %(now)s WHERE state = 'open' AND hour = %(h)s{only}"
+            "   RETURNING customer, dimension, remainder)"
+            " INSERT INTO carries (customer, dimension, raw) SELECT customer, dimension, remainder FROM done"
+            " ON CONFLICT (customer, dimension) DO UPDATE SET raw = excluded.raw",
+            {"h": hour, "max": MAX_QUANTITY, "now": int(now), "c": customers})
+        return cur.rowcount
+
+    async def _customers_of(self, conn: AsyncConnection[Any], subscribers: Iterable[str]) -> list[str]:
+        """The fleet's customer keys these subscribers name (an account may hold several licences)."""
+        out: set[str] = set()
+        for s in subscribers:
+            if s.startswith(Scheme.ACCOUNT):  # every licence of the account: 'account:<id>/<arn>'
+                cur = await conn.execute("SELECT customer FROM customers WHERE starts_with(customer, %s)",
+                                         (s + "/",))
+            else:
+                cur = await conn.execute("SELECT customer FROM customers WHERE customer = %s", (s,))
+            out |= {r["customer"] for r in await cur.fetchall()}
+        return sorted(out)
+
+    async def _seal_ahead(self, conn: AsyncConnection[Any], subscribers: list[str], *, before: int,
+                          now: float) -> int:
+        """Seal these subscribers' open buckets of every hour starting before `before` (the current
+        hour included): their agreement is ending (see `Buckets._seal_ahead`)."""
+        customers = await self._customers_of(conn, subscribers)
+        if not customers:
+            return 0
+        cur = await conn.execute("SELECT DISTINCT hour FROM buckets WHERE state = 'open' AND hour < %s"
+                                 " AND customer = ANY(%s) ORDER BY hour", (before, customers))
+        sealed = 0
+        for hour in [int(r["hour"]) for r in await cur.fetchall()]:
+            sealed += await self._seal_hour(conn, hour, now=now, customers=customers)
+        await conn.execute(
+            "INSERT INTO customer_floors (customer, sealed_before) SELECT unnest(%s::text[]), %s"
+            " ON CONFLICT (customer) DO UPDATE SET sealed_before = greatest(customer_floors.sealed_before,"
+            " excluded.sealed_before)", (customers, before))
+        if sealed:
+            log.warning("final_usage_sealed", customers=len(customers), buckets=sealed, sealed_before=before)
+        return sealed
+
+    async def apply_notice(self, notice: Notice, *, now: float) -> lifecycle.NoticeResult:
+        """Apply a subscription notification fleet-wide (the leader only; see `Buckets.apply_notice`)."""
+        async with self.pool.connection() as conn, conn.transaction():
+            await self._fence(conn)
+            cur = await conn.execute("SELECT * FROM subscriptions WHERE subscriber = %s FOR UPDATE",
+                                     (notice.subscriber,))
+            row = await cur.fetchone()
+            current = None if row is None else lifecycle.from_row(row)
+            new = apply(current, notice)
+            if new is None:
+                return lifecycle.NoticeResult(changed=False, state=None if current is None else current.state.value)
+            await conn.execute(lifecycle.UPSERT.format(p="%s"), lifecycle.row_values(new, notice, now))
+            sealed = frozen = parked = 0
+            who = notice.subscriber
+            if new.state == SubscriptionState.PENDING_END and (current is None or current.state != new.state):
+                sealed = await self._seal_ahead(conn, [who], before=hour_start(now) + HOUR_S, now=now)
+                frozen = await self._freeze(conn, now=now)
+            elif new.state == SubscriptionState.ENDED:
+                parked = await self._park_open(conn, who, now=now)
+        log.info("subscription_changed", subscriber=who, state=new.state.value, kind=notice.kind, at=notice.at,
+                 sealed=sealed, frozen=frozen, parked=parked)
+        return lifecycle.NoticeResult(changed=True, state=new.state.value, sealed=sealed, frozen=frozen,
+                                      parked=parked)
+
+    async def _park_open(self, conn: AsyncConnection[Any], subscriber: str, *, now: float) -> int:
+        """Park the open usage of a subscriber whose subscription ended."""
+        customers = await self._customers_of(conn, [subscriber])
+        cur = await conn.execute(
+            "DELETE FROM buckets WHERE state = 'open' AND customer = ANY(%s)"
+            " RETURNING customer, dimension, hour, unit, raw, events, first_event_at", (customers,))
+        rows = await cur.fetchall()
+        for r in rows:
+            await self._park_ended(conn, (r["customer"], r["dimension"], int(r["hour"]), int(r["unit"])),
+                                   raw=int(r["raw"]), events=int(r["events"]),
+                                   first_event_at=int(r["first_event_at"]), now=now)
+        return len(rows)
 
     async def _freeze(self, conn: AsyncConnection[Any], *, now: float) -> int:
         """Freeze every sealed bucket into one record (pending, or held by a guardrail), in bulk."""
@@ -632,11 +754,18 @@ class FleetStore:
                            " (SELECT customer, dimension, hour FROM records WHERE id = %s)", (state, record))
 
     async def _due(self, conn: AsyncConnection[Any], now: float, limit: int, *, lock: bool) -> list[DueRecord]:
+        """Due records in send order: an ending agreement's final usage first, then the oldest."""
+        due = ("SELECT id, payload, product_code, timestamp, maybe_received, attempts, customer_identifier"
+               " FROM records WHERE state = 'pending' AND NOT in_flight AND next_attempt_at <= %s")
+        tail = f" ORDER BY timestamp, id LIMIT %s{' FOR UPDATE' if lock else ''}"
         cur = await conn.execute(
-            "SELECT id, payload, product_code, timestamp, maybe_received, attempts, customer_identifier"
-            " FROM records WHERE state = 'pending' AND NOT in_flight AND next_attempt_at <= %s"
-            f" ORDER BY timestamp, id LIMIT %s{' FOR UPDATE' if lock else ''}", (now, limit * 4))
-        return records.pick_due(await cur.fetchall(), limit)
+            due + f" AND {lifecycle.subscriber_sql('customer', pg=True)} IN (SELECT subscriber FROM subscriptions"
+            " WHERE state = 'pending_end')" + tail, (now, limit * 4))
+        rows = await cur.fetchall()
+        seen = {r["id"] for r in rows}
+        cur = await conn.execute(due + tail, (now, limit * 4))
+        rows += [r for r in await cur.fetchall() if r["id"] not in seen]
+        return records.pick_due(rows, limit)
 
     async def claim(self, *, now: float, limit: int, owner: str = "") -> list[DueRecord]:
         async with self.pool.connection() as conn, conn.transaction():
@@ -716,10 +845,15 @@ class FleetStore:
             parked = {r["dimension"]: int(r["raw"]) for r in await cur.fetchall()}
             cur = await conn.execute("SELECT min(hour) AS h FROM buckets WHERE state IN ('sealed', 'pending', 'held')")
             oldest = (await _first(cur))["h"]
+            cur = await conn.execute(lifecycle.rows_sql(pg=True))
+            subscriptions = list(await cur.fetchall())
+            cur = await conn.execute(lifecycle.PARKED_AFTER_END_SQL)
+            parked_after_end = await _first(cur)
         now = self.clock.now()
         return {"held_records": attention.pop("held", 0), "needs_operator": attention,
                 "unconfigured_raw_by_dimension": parked,
-                "oldest_pending_age_s": None if oldest is None else max(0.0, now - (int(oldest) + HOUR_S))}
+                "oldest_pending_age_s": None if oldest is None else max(0.0, now - (int(oldest) + HOUR_S)),
+                "lifecycle": lifecycle.summarize(subscriptions, parked_after_end, now=now)}
 
     async def left_behind(self, *, final: bool) -> dict[str, Any]:
         """What the fleet still owes: open or unmapped buckets (with `final`), records not yet
@@ -777,7 +911,14 @@ class FleetView:
             rows = [dict(r) for r in conn.execute(*rows_q).fetchall()]
             grouped = conn.execute(*totals_q).fetchall()
             carries = {(r["customer"], r["dimension"]): int(r["raw"]) for r in conn.execute(*carries_q).fetchall()}
-            data: dict[str, Any] = {"rows": rows, "totals": queries.totals_from(grouped, carries), "parked": []}
+            parked_where, parked_args = queries.where_sql(f, alias="p", who_only=True, placeholder="%s")
+            parked = conn.execute(
+                f"SELECT * FROM parked p{parked_where}{' AND' if parked_where else ' WHERE'}"
+                " p.state IN ('unconfigured', 'ended') ORDER BY p.id", parked_args).fetchall()
+            subscriptions = conn.execute(lifecycle.rows_sql(pg=True)).fetchall()
+            data: dict[str, Any] = {"rows": rows, "totals": queries.totals_from(grouped, carries),
+                                    "parked": [dict(r) for r in parked],
+                                    "subscriptions": [dict(r) for r in subscriptions]}
         if health_at is not None:
             data["health"] = self.health(health_at)
         return data
@@ -792,12 +933,16 @@ class FleetView:
                 " stopped_at IS NOT NULL AS stopped FROM members ORDER BY member_id").fetchall()
             parked = conn.execute("SELECT dimension, count(*) AS n, sum(raw)::bigint AS raw FROM parked"
                                   " WHERE state = 'unconfigured' GROUP BY dimension ORDER BY dimension").fetchall()
+            subscriptions = conn.execute(lifecycle.rows_sql(pg=True)).fetchall()
+            parked_after_end = conn.execute(lifecycle.PARKED_AFTER_END_SQL).fetchone()
         h = None if oldest is None else oldest["h"]
         unconfigured = {"rows": sum(int(r["n"]) for r in parked),
                         "raw_by_dimension": {r["dimension"]: int(r["raw"]) for r in parked}} if parked else None
         return {"held_records": int(held["n"]) if held else 0,
                 "oldest_pending_age_s": None if h is None else max(0.0, now - (int(h) + HOUR_S)),
-                "unconfigured": unconfigured, "unmapped": None, "members": [dict(m) for m in members]}
+                "unconfigured": unconfigured, "unmapped": None, "members": [dict(m) for m in members],
+                "lifecycle": lifecycle.summarize([dict(r) for r in subscriptions], dict(parked_after_end or {}),
+                                                 now=now)}
 
     def left_behind(self, now: float) -> dict[str, Any]:
         with self._connect() as conn:

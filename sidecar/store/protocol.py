@@ -15,9 +15,11 @@ from typing import Any, Protocol
 from sidecar.events import UsageEvent
 from sidecar.model import CustomerRef
 from sidecar.store.buckets import IngestResult
+from sidecar.store.lifecycle import NoticeResult
 from sidecar.store.outbox import ShippedDelta
 from sidecar.store.queries import UsageFilter
 from sidecar.store.records import DueRecord, Settlement
+from sidecar.subscriptions import Notice
 
 
 class SendingStore(Protocol):
@@ -50,6 +52,11 @@ class SendingStore(Protocol):
 
     async def pending_summary(self) -> tuple[int, float | None]:
         """How many records are pending, and the earliest time one is due again."""
+        ...
+
+    async def apply_notice(self, notice: Notice, *, now: float) -> NoticeResult:
+        """Apply a subscription notification (the sender applies them: an ending agreement's usage
+        is sealed and frozen at once, to be claimed before every other record)."""
         ...
 
 

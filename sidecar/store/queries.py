@@ -12,6 +12,7 @@ from typing import Any
 
 from sidecar.config import Settings
 from sidecar.model import OPEN_BUCKET_STATES, Scheme
+from sidecar.store import lifecycle
 from sidecar.store.db import connect
 
 
@@ -165,9 +166,10 @@ def totals_from(grouped: Iterable[Mapping[str, Any]], carries: Mapping[tuple[str
 
 
 def parked_rows(conn: sqlite3.Connection, f: UsageFilter) -> list[dict[str, Any]]:
-    """Usage parked because the running configuration cannot bill it (state `unconfigured`)."""
+    """Usage parked, never sent: the running configuration cannot bill it (state `unconfigured`), or
+    the customer's subscription had ended (state `ended`)."""
     clauses, args = _who(f, "p")
-    sql = "SELECT * FROM parked p WHERE " + " AND ".join(["p.state = 'unconfigured'", *clauses])
+    sql = "SELECT * FROM parked p WHERE " + " AND ".join(["p.state IN ('unconfigured', 'ended')", *clauses])
     return [dict(r) for r in conn.execute(sql + " ORDER BY p.id", args)]
 
 
@@ -186,6 +188,7 @@ def health(conn: sqlite3.Connection, now: float) -> dict[str, Any]:
         "held_records": held,
         "unconfigured": unconfigured_summary(conn),
         "unmapped": unmapped_summary(conn, now),
+        "lifecycle": lifecycle.summary(conn, now=now),
     }
 
 
@@ -305,7 +308,7 @@ class UsageView:
         """Bucket rows, per-customer totals and parked usage; with `health_at`, the health figures too."""
         with reader(self._path) as conn:
             data: dict[str, Any] = {"rows": usage_rows(conn, f, limit=limit), "totals": usage_totals(conn, f),
-                                    "parked": parked_rows(conn, f)}
+                                    "parked": parked_rows(conn, f), "subscriptions": lifecycle.rows(conn)}
             if health_at is not None:
                 data["health"] = health(conn, health_at)
             return data
@@ -332,5 +335,6 @@ class UsageView:
         with reader(self._path) as conn:
             return {"counts": state_counts(conn), "oldest_pending_age_s": oldest_pending_age_s(conn, now),
                     "unmapped": unmapped_summary(conn, now), "unconfigured": unconfigured_summary(conn),
-                    "settlements": settlements(conn), "gpu": gpu_time(conn, before_hour=int(now) // 3600 * 3600),
+                    "settlements": settlements(conn), "lifecycle": lifecycle.summary(conn, now=now),
+                    "gpu": gpu_time(conn, before_hour=int(now) // 3600 * 3600),
                     "size_bytes": db_size_bytes(self._path)}

@@ -18,6 +18,7 @@ import structlog
 
 from sidecar.config import MAX_QUANTITY, Dimension
 from sidecar.model import REPLAYABLE, HoldOutcome, Outcome, RecordState
+from sidecar.store.lifecycle import subscriber_sql
 from sidecar.usage import BucketKey, Delta, guardrail, record_timestamp
 
 if TYPE_CHECKING:  # buckets imports this module; the rules object is only passed in
@@ -184,6 +185,27 @@ def park(conn: sqlite3.Connection, *, customer: str, dimension: str, hour: int, 
               hint="configure the dimension, or `sidecar release --state unconfigured --dimension OLD=NEW`")
 
 
+def park_ended(conn: sqlite3.Connection, *, customer: str, dimension: str, hour: int, unit: int, raw: int,
+               events: int, first_event_at: int, now: int) -> None:
+    """Keep usage of a customer whose subscription ended (state `ended`), visible, never sent: one
+    row per customer, dimension, hour and unit, so a customer still sending traffic adds no rows."""
+    cur = conn.execute(
+        "UPDATE parked SET raw = raw + ?, events = events + ?, first_event_at = min(first_event_at, ?),"
+        " parked_at = ? WHERE customer = ? AND dimension = ? AND hour = ? AND unit = ? AND state = 'ended'",
+        (raw, events, first_event_at, now, customer, dimension, hour, unit))
+    if cur.rowcount:
+        return
+    conn.execute(
+        "INSERT INTO parked (customer, dimension, unit, raw, events, first_event_at, hour, reason, parked_at, state)"
+        " VALUES (?,?,?,?,?,?,?,?,?, 'ended')",
+        (customer, dimension, unit, raw, events, first_event_at, hour, ENDED_REASON, now))
+    log.warning("usage_parked_after_end", customer=customer, dimension=dimension, raw=raw, hour=hour,
+                note="the customer's subscription ended; AWS no longer accepts their records")
+
+
+ENDED_REASON = "the customer's subscription ended (unsubscribe-success / License Deprovisioned)"
+
+
 def resume_in_flight(conn: sqlite3.Connection) -> int:
     """At start-up: a send that was under way when the process died may have reached AWS."""
     cur = conn.execute(
@@ -268,13 +290,21 @@ def close_windows(conn: sqlite3.Connection, rules: Buckets, *, now: float) -> di
     return counts
 
 
+DUE_SQL = ("SELECT id, payload, product_code, timestamp, maybe_received, attempts, customer_identifier"
+           " FROM records WHERE state = 'pending' AND in_flight = 0 AND next_attempt_at <= ?")
+
+
 def _due(conn: sqlite3.Connection, now: float, limit: int) -> list[DueRecord]:
-    rows = conn.execute(
-        "SELECT id, payload, product_code, timestamp, maybe_received, attempts, customer_identifier"
-        " FROM records WHERE state = 'pending' AND in_flight = 0 AND next_attempt_at <= ?"
-        " ORDER BY timestamp, id LIMIT ?",
-        (now, limit * 4),
-    ).fetchall()
+    """Due records in send order: the final usage of customers whose agreement is ending first
+    (AWS takes it for about one hour), then the oldest."""
+    rows = []
+    if conn.execute("SELECT 1 FROM subscriptions WHERE state = 'pending_end' LIMIT 1").fetchone():
+        rows = conn.execute(
+            DUE_SQL + f" AND {subscriber_sql('customer')} IN (SELECT subscriber FROM subscriptions"
+            " WHERE state = 'pending_end') ORDER BY timestamp, id LIMIT ?", (now, limit * 4)).fetchall()
+    seen = {r["id"] for r in rows}
+    rows += [r for r in conn.execute(DUE_SQL + " ORDER BY timestamp, id LIMIT ?", (now, limit * 4)).fetchall()
+             if r["id"] not in seen]
     return pick_due(rows, limit)
 
 

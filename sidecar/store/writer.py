@@ -28,9 +28,10 @@ from sidecar.config import Settings
 from sidecar.errors import StoreBusy, StoreClosed, StoreLocked
 from sidecar.events import UsageEvent
 from sidecar.model import CustomerRef
-from sidecar.store import outbox, queries, records
+from sidecar.store import lifecycle, outbox, queries, records
 from sidecar.store.buckets import Buckets, IngestResult, _dimension_source, _stranded_tenants
 from sidecar.store.db import _unavailable, check_integrity, connect, migrate
+from sidecar.subscriptions import Notice
 
 LOCAL_OWNER = "local"  # the claim owner of a single-file store: the process holding its lock
 
@@ -379,6 +380,10 @@ class Store:
     async def pending_summary(self) -> tuple[int, float | None]:
         """How many records are pending, and the earliest time one is due again."""
         return await self.run(records.pending_summary)
+
+    async def apply_notice(self, notice: Notice, *, now: float) -> lifecycle.NoticeResult:
+        """Apply a subscription notification in one transaction (see `Buckets.apply_notice`)."""
+        return await self.run(lambda conn: self.rules.apply_notice(conn, notice, now=now))
 
     # ---- the hour lifecycle and housekeeping -----------------------------------------------------
 

@@ -1,0 +1,135 @@
+"""Subscription rows in a single-file store: read, write, which customers a subscriber names, and
+what an operator must see (each customer's state, usage parked after an end, final usage overdue).
+
+The rules (what a notification means, which one wins) are `sidecar.subscriptions`; what a change
+does to buckets is `Buckets.apply_notice`. Everything here runs inside a caller's transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.model import Scheme
+from sidecar.subscriptions import Notice, Subscription, SubscriptionState
+
+FINAL_USAGE_DUE_S = 1800  # final usage not accepted this long after an end began: alarm
+
+
+
+def subscriber_sql(column: str, *, pg: bool = False) -> str:
+    """SQL for the subscriber of the customer key in `column` ('account:<id>/<arn>' → 'account:<id>'),
+    in SQLite's dialect or PostgreSQL's (no '%', so it is safe beside query parameters)."""
+    account = f"split_part({column}, '/', 1)" if pg else f"substr({column}, 1, instr({column}, '/') - 1)"
+    return f"CASE WHEN substr({column}, 1, 8) = 'account:' THEN {account} ELSE {column} END"
+
+
+# Parked rows are per dimension, and each event adds to every dimension's row: the events of a
+# customer-hour are the most any of its dimensions counted (every event counts one request).
+PARKED_EVENTS_SQL = ("SELECT customer, hour, max(events) AS events FROM parked WHERE state = 'ended'"
+                     " GROUP BY customer, hour")
+
+
+def rows_sql(*, pg: bool = False) -> str:
+    """Every subscriber's row with the events parked after its end and its records not yet accepted."""
+    return (f"WITH ended AS (SELECT {subscriber_sql('customer', pg=pg)} AS subscriber, events"
+            f" FROM ({PARKED_EVENTS_SQL}) x)"
+            " SELECT s.*, (SELECT coalesce(sum(e.events), 0) FROM ended e WHERE e.subscriber = s.subscriber)"
+            " AS parked_events, (SELECT count(*) FROM records r WHERE r.state IN ('pending', 'held')"
+            f"   AND {subscriber_sql('r.customer', pg=pg)} = s.subscriber) AS unaccepted_records"
+            " FROM subscriptions s ORDER BY s.subscriber")
+
+
+PARKED_AFTER_END_SQL = ("SELECT count(DISTINCT customer) AS customers, coalesce(sum(events), 0) AS events"
+                        f" FROM ({PARKED_EVENTS_SQL}) x")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NoticeResult:
+    """What applying one notification did."""
+
+    changed: bool  # False: a duplicate or an older notification (nothing written)
+    state: str | None  # the subscriber's state afterwards
+    sealed: int = 0  # buckets sealed at once (an agreement ending)
+    frozen: int = 0
+    parked: int = 0  # open buckets parked (the subscription ended)
+
+
+def read(conn: sqlite3.Connection, subscriber: str) -> Subscription | None:
+    """The stored subscription of `subscriber`, if any notification was applied."""
+    row = conn.execute("SELECT * FROM subscriptions WHERE subscriber = ?", (subscriber,)).fetchone()
+    return None if row is None else from_row(row)
+
+
+def from_row(row: Any) -> Subscription:
+    """A Subscription from a stored row (SQLite or PostgreSQL)."""
+    def opt(name: str) -> int | None:
+        return None if row[name] is None else int(row[name])
+
+    return Subscription(subscriber=row["subscriber"], state=SubscriptionState(row["state"]),
+                        state_at=int(row["state_at"]), subscribed_at=opt("subscribed_at"),
+                        end_began_at=opt("end_began_at"), ended_at=opt("ended_at"), failed_at=opt("failed_at"))
+
+
+def row_values(sub: Subscription, notice: Notice, now: float) -> tuple[Any, ...]:
+    """The values of a subscriptions row, in the column order of `UPSERT`."""
+    return (sub.subscriber, sub.state.value, sub.state_at, sub.subscribed_at, sub.end_began_at, sub.ended_at,
+            sub.failed_at, notice.product_code, notice.kind, int(now))
+
+
+UPSERT = (
+    "INSERT INTO subscriptions (subscriber, state, state_at, subscribed_at, end_began_at, ended_at, failed_at,"
+    " product_code, last_kind, updated_at) VALUES ({p},{p},{p},{p},{p},{p},{p},{p},{p},{p})"
+    " ON CONFLICT (subscriber) DO UPDATE SET state = excluded.state, state_at = excluded.state_at,"
+    " subscribed_at = excluded.subscribed_at, end_began_at = excluded.end_began_at,"
+    " ended_at = excluded.ended_at, failed_at = excluded.failed_at,"
+    " product_code = coalesce(excluded.product_code, subscriptions.product_code),"
+    " last_kind = excluded.last_kind, updated_at = excluded.updated_at")
+
+
+def write(conn: sqlite3.Connection, sub: Subscription, notice: Notice, now: float) -> None:
+    """Store a subscriber's new subscription."""
+    conn.execute(UPSERT.format(p="?"), row_values(sub, notice, now))
+
+
+def customers_of(conn: sqlite3.Connection, subscriber: str) -> list[str]:
+    """The stored customer keys a subscriber names (an account may hold licences of this product)."""
+    if subscriber.startswith(Scheme.ACCOUNT):
+        prefix = subscriber + "/"
+        return [r[0] for r in conn.execute(
+            "SELECT customer FROM customers WHERE customer >= ? AND customer < ?", (prefix, prefix[:-1] + "0"))]
+    return [r[0] for r in conn.execute("SELECT customer FROM customers WHERE customer = ?", (subscriber,))]
+
+
+def by_state(conn: sqlite3.Connection, state: SubscriptionState) -> set[str]:
+    """The subscribers in `state`."""
+    return {r[0] for r in conn.execute("SELECT subscriber FROM subscriptions WHERE state = ?", (state.value,))}
+
+
+def rows(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Every subscriber's state, times, usage parked after an end and records not yet accepted."""
+    return [dict(r) for r in conn.execute(rows_sql())]
+
+
+def overdue(row: dict[str, Any], *, now: float) -> bool:
+    """Whether an end began over FINAL_USAGE_DUE_S ago and records of the customer are still unaccepted."""
+    began = row.get("end_began_at")
+    return (row["state"] in (SubscriptionState.PENDING_END, SubscriptionState.ENDED) and began is not None
+            and now - int(began) >= FINAL_USAGE_DUE_S and int(row["unaccepted_records"]) > 0)
+
+
+def summary(conn: sqlite3.Connection, *, now: float) -> dict[str, Any]:
+    """The lifecycle's figures for /healthz and /metrics: customers per state, usage parked after an
+    end, customers whose final usage is overdue."""
+    return summarize(rows(conn), dict(conn.execute(PARKED_AFTER_END_SQL).fetchone()), now=now)
+
+
+def summarize(all_rows: list[dict[str, Any]], parked: dict[str, Any], *, now: float) -> dict[str, Any]:
+    """The lifecycle's figures from the subscription rows and the usage parked after an end."""
+    states: dict[str, int] = {}
+    for r in all_rows:
+        states[r["state"]] = states.get(r["state"], 0) + 1
+    return {"customers_by_state": states, "parked_after_end_customers": int(parked["customers"]),
+            "parked_after_end_events": int(parked["events"]),
+            "final_usage_overdue": [r["subscriber"] for r in all_rows if overdue(r, now=now)]}
