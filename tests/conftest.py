@@ -65,3 +65,30 @@ def pg_url(pg_server: str) -> Iterator[str]:
 
     with pgkit.database(pg_server) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def moto_url() -> Iterator[str]:
+    """moto's server (an SQS-protocol server, among others) on a free loopback port."""
+    from moto.server import ThreadedMotoServer
+    from procs import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def sqs(moto_url: str) -> Iterator[Any]:
+    """A plain botocore SQS client on moto's server, for a test's own queues, sends and checks
+    (each test creates queues with names of its own)."""
+    import botocore.config
+    import botocore.session
+
+    client = botocore.session.get_session().create_client(
+        "sqs", region_name="us-east-1", endpoint_url=moto_url, aws_access_key_id="testing",
+        aws_secret_access_key="testing", config=botocore.config.Config(retries={"total_max_attempts": 1}))
+    yield client
+    client.close()

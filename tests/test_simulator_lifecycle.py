@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -16,7 +16,6 @@ import botocore.config
 import botocore.exceptions
 import botocore.session
 import pytest
-from procs import free_port
 
 from sidecar.simulator import Simulator, SimulatorConfig, add_arguments, config_from_args, start
 
@@ -131,26 +130,6 @@ async def start_sim() -> AsyncIterator[StartSim]:
         harness.metering.close()
         await harness.admin.close()
         await runner.cleanup()
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    """moto's server (SQS among others) on a free loopback port."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def sqs(moto_url: str) -> Iterator[Any]:
-    """A botocore SQS client on the moto server."""
-    client = make_client("sqs", moto_url)
-    yield client
-    client.close()
 
 
 def error_code(error: botocore.exceptions.ClientError) -> str:

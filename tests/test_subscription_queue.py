@@ -10,21 +10,18 @@ import re
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import botocore.config
-import botocore.session
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import T0, event
 from lifecycle_messages import eventbridge_event, sns_message
-from procs import free_port
 
 from sidecar.app import CONSUMER, FLUSHER, STORE, create_app
 from sidecar.clock import HOUR_S, ManualClock, hour_start
@@ -44,28 +41,6 @@ H09, H11 = H10 - HOUR_S, H10 + HOUR_S
 REDELIVERY_DEADLINE_S = 15.0  # the queue's visibility timeout is 1 s; moto's server needs real time
 
 Client = TestClient[Any, Any]
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    """moto's server (SQS) on a free loopback port, shared by this module's tests."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def sqs(moto_url: str) -> Iterator[Any]:
-    """A plain botocore SQS client on moto's server, for the test's own sends and checks."""
-    client = botocore.session.get_session().create_client(
-        "sqs", region_name=REGION, endpoint_url=moto_url, aws_access_key_id="testing",
-        aws_secret_access_key="testing", config=botocore.config.Config(retries={"total_max_attempts": 1}))
-    yield client
-    client.close()
 
 
 @dataclass

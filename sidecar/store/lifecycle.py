@@ -35,13 +35,15 @@ def rows_sql(*, pg: bool = False) -> str:
     """Every subscriber's row with the events parked after its end and its records not yet accepted."""
     return (f"WITH ended AS (SELECT {subscriber_sql('customer', pg=pg)} AS subscriber, events"
             f" FROM ({PARKED_EVENTS_SQL}) x)"
-            " SELECT s.*, (SELECT coalesce(sum(e.events), 0) FROM ended e WHERE e.subscriber = s.subscriber)"
+            " SELECT s.*, (SELECT CAST(coalesce(sum(e.events), 0) AS BIGINT) FROM ended e"
+            " WHERE e.subscriber = s.subscriber)"
             " AS parked_events, (SELECT count(*) FROM records r WHERE r.state IN ('pending', 'held')"
             f"   AND {subscriber_sql('r.customer', pg=pg)} = s.subscriber) AS unaccepted_records"
             " FROM subscriptions s ORDER BY s.subscriber")
 
 
-PARKED_AFTER_END_SQL = ("SELECT count(DISTINCT customer) AS customers, coalesce(sum(events), 0) AS events"
+PARKED_AFTER_END_SQL = ("SELECT count(DISTINCT customer) AS customers,"
+                        " CAST(coalesce(sum(events), 0) AS BIGINT) AS events"
                         f" FROM ({PARKED_EVENTS_SQL}) x")
 
 
