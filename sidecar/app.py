@@ -352,7 +352,8 @@ async def get_healthz(request: web.Request) -> web.Response:
         figures = member.fleet_figures  # as of the last heartbeat
         body["fleet"] = {**member.health(), "members": member.members_seen, **figures}
         if member.ship_error or member.lead_error or figures.get("held_records") or \
-                figures.get("unconfigured_raw_by_dimension"):
+                figures.get("unconfigured_raw_by_dimension") or \
+                (figures.get("lifecycle") or {}).get("final_usage_overdue"):
             body["status"] = "degraded" if writable else body["status"]
     if problem:
         body["error"] = problem

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 import structlog
 
@@ -30,6 +31,35 @@ from sidecar.subscriptions import UnparseableMessage, parse_message
 log = structlog.get_logger("sidecar.notifications")
 
 MAX_ERROR_WAIT_S = 30.0
+
+
+T = TypeVar("T")
+
+
+async def _in_daemon_thread(fn: Callable[[], T]) -> T:
+    """Run a blocking call (a long poll of up to 20 s) on a daemon thread of its own: a stopping
+    daemon abandons it (its messages become visible again) instead of waiting for it to return."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if done.done():
+            return  # the caller gave up (shutdown)
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(cast(T, result))
+
+    def run() -> None:
+        try:
+            result, error = fn(), None
+        except BaseException as exc:  # handed to the awaiting task, which decides
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="subscription-queue", daemon=True).start()
+    return await done
 
 
 class QueueApi(Protocol):
@@ -57,7 +87,7 @@ class NotificationConsumer:
 
     async def poll_once(self) -> int:
         """Receive one batch (waiting up to the long poll) and handle it; returns messages received."""
-        batch = await asyncio.to_thread(self.queue.receive)
+        batch = await _in_daemon_thread(self.queue.receive)
         self.last_poll_at = self.clock.now()
         ending_since: float | None = None
         for message in batch:

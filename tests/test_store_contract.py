@@ -474,3 +474,16 @@ async def test_an_account_subscriber_covers_its_licence_customer(backend: Opened
     await ingest(store, clock, event(2, when=clock.now() - 5, customer=ACCOUNT))
     sent = {r["state"] for r in rows(store)}
     assert sent == {"sent"}  # the later event was parked, not added to a bucket
+
+
+async def test_an_ending_customers_remainder_is_settled_into_the_final_record(backend: Opened) -> None:
+    """A remainder below one unit could never be billed after the end: the final seal settles it by
+    SIDECAR_SETTLE_REMAINDERS (half_up: 1,500 tokens bill 2 units); other customers keep theirs."""
+    store, clock = backend
+    await ingest(store, clock, event(1, when=H10 + 30, prompt=1500, completion=0),
+                 event(2, when=H10 + 30, prompt=1500, completion=0, customer=B))
+    await store.apply_notice(notice(Change.END_BEGAN, clock.now()), now=clock.now())
+    tokens = by_key(store, "identifier:cust-a")[("tokens-processed", H10)]
+    assert (tokens["state"], tokens["quantity"]) == ("pending", 2)
+    totals = {(t["customer"], t["dimension"]): t["carry_raw"] for t in store.view.usage(UsageFilter())["totals"]}
+    assert totals[("identifier:cust-a", "tokens-processed")] == 0

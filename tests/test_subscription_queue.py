@@ -341,3 +341,46 @@ async def test_final_usage_still_unaccepted_30_minutes_after_the_end_began_is_an
     assert (await rig.subscription("identifier:cust-a"))["final_usage_overdue"] is True
     assert await rig.metric("sidecar_lifecycle_final_usage_overdue_customers") == 1
     assert await rig.billed() == {}
+
+
+class FlakyQueue:
+    """A queue that cannot be reached for its first `failures` polls, then is empty (a hand-written fake)."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.polls = 0
+
+    def receive(self, *, max_messages: int = 10) -> list[Any]:
+        self.polls += 1
+        if self.polls <= self.failures:
+            raise ConnectionError("sqs unreachable")
+        return []
+
+    def delete(self, receipt_handle: str) -> None:
+        raise AssertionError("nothing to delete")
+
+
+async def test_the_consumer_reports_a_failing_queue_and_resumes(tmp_path: Path) -> None:
+    """The queue unreachable: the loop keeps trying with a backoff, reports the error (healthz,
+    metrics), and clears it once a poll works again; it never crashes."""
+    settings = Settings(db_path=tmp_path / "q.db", subscription_queue_url="https://sqs.example/1/q")
+    clock = ManualClock(T0)
+    queue = FlakyQueue(failures=1)
+    app = create_app(settings, clock=clock, background=False, queue=queue)
+    async with TestClient(TestServer(app)) as c:
+        consumer: NotificationConsumer = c.app[CONSUMER]
+        stop = asyncio.Event()
+        loop = asyncio.create_task(consumer.run(stop))
+        deadline = time.monotonic() + 10
+        while consumer.error is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        health = await (await c.get("/healthz")).json()
+        assert health["status"] == "degraded" and "sqs unreachable" in health["lifecycle"]["queue"]["error"]
+        assert "sidecar_subscription_queue_failing 1.0" in await (await c.get("/metrics")).text()
+        while queue.polls < 2 or consumer.error is not None:  # the backoff (1 s) passes, a poll works
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        stop.set()
+        await loop
+        assert (await (await c.get("/healthz")).json())["status"] == "ok"

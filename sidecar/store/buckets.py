@@ -369,6 +369,8 @@ class Buckets:
             " WHERE state = 'open' AND hour < ? AND customer IN (SELECT value FROM json_each(?))"
             " ORDER BY hour, customer, dimension", (before, json.dumps(customers))).fetchall()
         sealed = self._seal_rows(conn, rows, now=now)
+        # Their final record: a remainder below one unit would never be billed after the end.
+        self._settle_remainders(conn, sealed_before=before, now=int(now), customers=customers)
         moved = [c for c in customers if self._floors.get(c, 0) < before]
         conn.executemany("INSERT INTO customer_floors (customer, sealed_before) VALUES (?,?) ON CONFLICT (customer)"
                          " DO UPDATE SET sealed_before = max(sealed_before, excluded.sealed_before)",
@@ -530,7 +532,8 @@ class Buckets:
         _set_meta(conn, DEDICATED_KEY, now_us)
         self.apply_deltas(conn, deltas)
 
-    def _settle_remainders(self, conn: sqlite3.Connection, *, sealed_before: int, now: int) -> None:
+    def _settle_remainders(self, conn: sqlite3.Connection, *, sealed_before: int, now: int,
+                           customers: Sequence[str] | None = None) -> None:
         """At a final seal: bill or give up each customer's remainder below one unit, by policy.
 
         The database of a task usually dies with it, and a remainder left in it would never be
@@ -543,9 +546,10 @@ class Buckets:
             return
         last_hour = sealed_before - HOUR_S
         first_hour = _meta_int(conn, FIRST_HOUR_KEY) or 0
+        only = "" if customers is None else " AND customer IN (SELECT value FROM json_each(?))"
         for c in conn.execute(
-            "SELECT customer, dimension, raw FROM carries WHERE raw > 0 AND customer NOT LIKE 'tenant:%'"
-            " ORDER BY customer, dimension"
+            f"SELECT customer, dimension, raw FROM carries WHERE raw > 0 AND customer NOT LIKE 'tenant:%'{only}"
+            " ORDER BY customer, dimension", () if customers is None else (json.dumps(list(customers)),)
         ).fetchall():
             dim = self._dims.get(c["dimension"])
             if dim is None:

@@ -514,6 +514,8 @@ class FleetStore:
         sealed = 0
         for hour in [int(r["hour"]) for r in await cur.fetchall()]:
             sealed += await self._seal_hour(conn, hour, now=now, customers=customers)
+        # Their final record: a remainder below one unit would never be billed after the end.
+        await self._settle_remainders(conn, customers=customers, sealed_before=before)
         await conn.execute(
             "INSERT INTO customer_floors (customer, sealed_before) SELECT unnest(%s::text[]), %s"
             " ON CONFLICT (customer) DO UPDATE SET sealed_before = greatest(customer_floors.sealed_before,"
@@ -630,16 +632,19 @@ class FleetStore:
                 await self._settle_remainders(conn)
             return n
 
-    async def _settle_remainders(self, conn: AsyncConnection[Any]) -> None:
-        """Bill or give up each customer's remainder below one unit, by policy (the single-file rule):
-        the unit goes into the customer's latest sealed bucket, or a new bucket of the last sealed hour."""
+    async def _settle_remainders(self, conn: AsyncConnection[Any], *, customers: list[str] | None = None,
+                                 sealed_before: int | None = None) -> None:
+        """Bill or give up each customer's remainder below one unit (of these customers only, if
+        given), by policy (the single-file rule): the unit goes into the customer's latest sealed
+        bucket, or a new bucket of the last sealed hour."""
         policy = self.settings.settle_remainders
         if policy == "keep":
             return
         now = int(self.clock.now())
-        last_hour = await self._watermark(conn) - HOUR_S
+        last_hour = (sealed_before or await self._watermark(conn)) - HOUR_S
         cur = await conn.execute("SELECT customer, dimension, raw FROM carries WHERE raw > 0"
-                                 " AND customer NOT LIKE 'tenant:%%' ORDER BY customer, dimension")
+                                 " AND customer NOT LIKE 'tenant:%%' AND (%s::text[] IS NULL OR customer = ANY(%s))"
+                                 " ORDER BY customer, dimension", (customers, customers))
         for c in await cur.fetchall():
             dim = self._dims.get(c["dimension"])
             if dim is None:

@@ -53,7 +53,7 @@ def test_compose_file_validates() -> None:
     cmd = compose_command()
     if cmd is None:
         pytest.skip("neither the docker compose plugin nor docker-compose is installed")
-    for profile in ("cpu", "gpu", "fleet"):
+    for profile in ("cpu", "gpu", "fleet", "lifecycle"):
         result = subprocess.run([*cmd, "-f", str(COMPOSE), "--profile", profile, "config", "-q"],
                                 capture_output=True, text=True, check=False, cwd=ROOT)
         assert result.returncode == 0, f"profile {profile}: {result.stderr}"
@@ -138,6 +138,21 @@ def test_iam_policy_allows_only_batch_meter_usage() -> None:
         actions += [value] if isinstance(value, str) else value
         assert "NotAction" not in statement
     assert actions == ["aws-marketplace:BatchMeterUsage"]
+
+
+def test_lifecycle_deployment_files() -> None:
+    """The lifecycle's policy adds ResolveCustomer and receive/delete on the one queue (never every
+    queue); compose runs a sidecar consuming the queue the simulator publishes to."""
+    policy = load_json(ROOT / "deploy" / "ecs" / "lifecycle-policy.json")
+    grants = {a: s["Resource"] for s in policy["Statement"] for a in s["Action"]}
+    assert set(grants) == {"aws-marketplace:ResolveCustomer", "sqs:ReceiveMessage", "sqs:DeleteMessage"}
+    assert grants["sqs:ReceiveMessage"].startswith("arn:aws:sqs:") and "*" not in grants["sqs:ReceiveMessage"]
+    yaml = pytest.importorskip("yaml")
+    services = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))["services"]
+    queue = services["lifecycle-sidecar"]["environment"]["SIDECAR_SUBSCRIPTION_QUEUE_URL"]
+    assert queue in services["lifecycle-marketplace"]["command"]
+    assert services["lifecycle-sidecar"]["environment"]["AWS_ENDPOINT_URL_SQS"] == \
+        services["lifecycle-marketplace"]["environment"]["AWS_ENDPOINT_URL_SQS"]
 
 
 def test_fleet_deployment_files() -> None:
