@@ -310,6 +310,8 @@ async def test_an_ending_agreement_sends_its_final_usage_at_once_and_parks_usage
     assert [(p["state"], p["events"]) for p in parked] == [("ended", 1), ("ended", 1)]  # both dimensions
     assert await rig.metric("sidecar_lifecycle_parked_after_end_events") == 1  # one request, in two dimensions
     assert (await rig.subscription(a))["parked_events"] == 1
+    page = await (await rig.client.get("/usage", headers={"Accept": "text/html"})).text()
+    assert 'id="subscriptions"' in page and 'id="ended"' in page  # the operator page shows both
     assert await rig.billed() == billed
     assert len(rig.sim.calls) == calls and rig.sim.counters.refused_ended == 0
 

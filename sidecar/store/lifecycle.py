@@ -110,7 +110,10 @@ def by_state(conn: sqlite3.Connection, state: SubscriptionState) -> set[str]:
 
 
 def rows(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    """Every subscriber's state, times, usage parked after an end and records not yet accepted."""
+    """Every subscriber's state, times, usage parked after an end and records not yet accepted (none
+    in a file of an earlier release that nothing has migrated yet, read by `sidecar usage`)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'subscriptions'").fetchone() is None:
+        return []
     return [dict(r) for r in conn.execute(rows_sql())]
 
 
@@ -124,7 +127,9 @@ def overdue(row: dict[str, Any], *, now: float) -> bool:
 def summary(conn: sqlite3.Connection, *, now: float) -> dict[str, Any]:
     """The lifecycle's figures for /healthz and /metrics: customers per state, usage parked after an
     end, customers whose final usage is overdue."""
-    return summarize(rows(conn), dict(conn.execute(PARKED_AFTER_END_SQL).fetchone()), now=now)
+    subs = rows(conn)
+    parked = dict(conn.execute(PARKED_AFTER_END_SQL).fetchone())  # parked is older than this release
+    return summarize(subs, parked, now=now)
 
 
 def summarize(all_rows: list[dict[str, Any]], parked: dict[str, Any], *, now: float) -> dict[str, Any]:
