@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.fleet import bench_fleet
+from bench.lifecycle import bench_lifecycle
 from bench.loadgen import have_wrk, run_batch_load, run_load
 from bench.procs import free_port, sidecar_env, start, stop, wait_http
 from sidecar import logs
@@ -39,7 +40,7 @@ TARGETS = {
     "ingest_vs_baseline": 0.6, "ingest_p99_ms": 20.0, "batch_events_per_s": 100_000,
     "batch_vs_storage": 0.5, "flush_rate_ratio": 0.95, "peak_rss_mb": 100.0, "startup_1m_s": 2.0,
     "fleet_ingest_ratio": 0.9, "fleet_ship_deltas_per_s": 20_000, "fleet_leader_pass_s": 10.0,
-    "fleet_failover_over_ttl_s": 2.0,
+    "fleet_failover_over_ttl_s": 2.0, "lifecycle_final_usage_max_s": 60.0,
 }
 
 
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         results["startup"] = bench_startup(args, tmp)
         results["retention"] = bench_retention(args, tmp)
         results["fleet"] = bench_fleet(args, tmp)
+        results["lifecycle"] = bench_lifecycle(args, tmp)
     h, s, f, u = results["http"], results["storage"], results["flush"], results["startup"]
     best_batch = max(v["events_per_s"] for k, v in h.items() if k.startswith("batch_"))
     ratios = {
@@ -251,10 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         "fleet_ship_deltas_per_s": results["fleet"]["shipping"]["deltas_per_s"],
         "fleet_leader_pass_s": results["fleet"]["leader_pass"]["seconds"],
         "fleet_failover_over_ttl_s": results["fleet"]["failover"]["seconds"] - results["fleet"]["failover"]["lease_s"],
+        "lifecycle_final_usage_max_s": results["lifecycle"]["max_s"],
     }
     results["ratios"] = ratios
     lower_is_better = {"ingest_p99_ms", "peak_rss_mb", "startup_1m_s", "fleet_leader_pass_s",
-                       "fleet_failover_over_ttl_s"}
+                       "fleet_failover_over_ttl_s", "lifecycle_final_usage_max_s"}
     rows = [
         ("baseline: bare aiohttp, single POSTs, 64 conns", f"{h['baseline']['rps']:,.0f} req/s",
          f"p50 {h['baseline']['p50_ms']:.2f} ms, p99 {h['baseline']['p99_ms']:.2f} ms"),
@@ -287,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
          f"seal + freeze, {fl['leader_pass']['frozen']:,} records"),
         ("fleet: failover after the leader dies", f"{fl['failover']['seconds']:.2f} s",
          f"lease TTL {fl['failover']['lease_s']:.0f} s"),
+        ("lifecycle: unsubscribe-pending published -> billed", f"{results['lifecycle']['median_s']:.3f} s",
+         f"median; max {results['lifecycle']['max_s']:.3f} s over {results['lifecycle']['customers']} customers"
+         " (SQS long poll, seal, send)"),
     ]
     series = results["retention"]["series"]
     rows.append((f"retention: {results['retention']['events_per_hour']:,} events/h, keep 2 h",

@@ -21,7 +21,8 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     print(done.stdout)
     results = json.loads(out.read_text())
-    assert set(results) == {"machine", "http", "storage", "flush", "startup", "retention", "fleet", "ratios"}
+    assert set(results) == {"machine", "http", "storage", "flush", "startup", "retention", "fleet", "lifecycle",
+                            "ratios"}
     rows = [p["event_rows"] for p in results["retention"]["series"]]
     assert max(rows[3:]) <= rows[2] * 1.01, f"the event ledger must stop growing under retention: {rows}"
     assert results["http"]["ingest"]["requests"] > 0
@@ -31,3 +32,4 @@ def test_benchmark_smoke_run(tmp_path: Path) -> None:
     fleet = results["fleet"]
     assert fleet["leader_pass"]["frozen"] == fleet["leader_pass"]["buckets"]
     assert fleet["shipping"]["deltas"] > 0 and fleet["ingest"]["fleet_events_per_s"] > 0
+    assert results["lifecycle"]["customers"] == len(results["lifecycle"]["seconds"]) > 0
