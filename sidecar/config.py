@@ -144,6 +144,7 @@ class Settings:
     ack: Literal["local", "fleet"] = "local"
     subscription_queue_url: str | None = None  # lifecycle: the SQS queue of AWS Marketplace's notifications
     subscription_wait_s: int = 20  # SQS long poll (ReceiveMessage WaitTimeSeconds, 0-20)
+    final_seal_s: int = 3000  # an ending customer's later usage is sealed this long after the end began
 
     @property
     def fleet(self) -> bool:
@@ -196,6 +197,7 @@ ENV_SETTINGS: Mapping[str, str] = {
     "SIDECAR_ACK": "ack",
     "SIDECAR_SUBSCRIPTION_QUEUE_URL": "subscription_queue_url",
     "SIDECAR_SUBSCRIPTION_WAIT_S": "subscription_wait_s",
+    "SIDECAR_FINAL_SEAL_S": "final_seal_s",
 }
 
 # The type of each numeric or boolean setting.
@@ -221,6 +223,7 @@ _KINDS: Mapping[str, type] = {
     "ship_interval_s": float,
     "lease_s": float,
     "subscription_wait_s": int,
+    "final_seal_s": int,
 }
 
 _CHOICES: Mapping[str, tuple[str, ...]] = {
@@ -236,7 +239,7 @@ _CHOICES: Mapping[str, tuple[str, ...]] = {
 _POSITIVE = ("max_body_bytes", "max_queued_events", "max_event_age_s", "retention_s", "flush_interval_s",
              "calls_per_s", "window_s", "connect_timeout_s", "read_timeout_s", "max_backoff_s",
              "shutdown_deadline_s", "heartbeat_hours", "gpus", "ship_interval_s", "lease_s")
-_NON_NEGATIVE = ("hour_grace_s", "window_margin_s", "spike_factor", "subscription_wait_s")
+_NON_NEGATIVE = ("hour_grace_s", "window_margin_s", "spike_factor", "subscription_wait_s", "final_seal_s")
 
 
 def load_settings(env: Mapping[str, str], *, require_region: bool = False) -> Settings:
@@ -476,6 +479,9 @@ def validate_for_serving(settings: Settings) -> None:
         validate_for_fleet(settings)
     if settings.subscription_wait_s > 20:
         raise ConfigError("SIDECAR_SUBSCRIPTION_WAIT_S: must be 0-20 seconds (SQS's longest poll)")
+    if settings.final_seal_s > 3600:
+        raise ConfigError("SIDECAR_FINAL_SEAL_S: must be at most 3600 seconds (AWS takes an ending customer's"
+                          " records for about an hour)")
     if not is_loopback(settings.listen_host) and not settings.token:
         raise ConfigError(
             f"SIDECAR_LISTEN: {settings.listen_host} is not a loopback address; "

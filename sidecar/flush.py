@@ -158,8 +158,9 @@ class Flusher:
                 summary.outcomes[state] += n
         return frozen
 
-    async def flush_once(self) -> FlushSummary:
-        """One pass: prepare, then send every due record (records backing off wait for the next pass).
+    async def flush_once(self, *, max_calls: int | None = None) -> FlushSummary:
+        """One pass: prepare, then send every due record (records backing off wait for the next pass);
+        with `max_calls`, stop after that many calls (the rest waits for the next pass).
 
         While the sender is paused nothing is sent; the first pass after the pause sends one call
         (the probe) and, if AWS answers it, goes on in full batches.
@@ -171,7 +172,7 @@ class Flusher:
             if self.settings.dry_run or self.api is None:
                 await self._dry_run(summary)
             else:
-                while not self.paused():
+                while not self.paused() and (max_calls is None or summary.calls < max_calls):
                     now = self.clock.now()
                     batch = await self.store.claim(now=now, limit=MAX_RECORDS_PER_CALL)
                     if not batch:

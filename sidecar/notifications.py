@@ -31,6 +31,7 @@ from sidecar.subscriptions import UnparseableMessage, parse_message
 log = structlog.get_logger("sidecar.notifications")
 
 MAX_ERROR_WAIT_S = 30.0
+FINAL_USAGE_CALLS = 4  # calls of 25 records: far more than an ending customer's records
 
 
 T = TypeVar("T")
@@ -95,7 +96,9 @@ class NotificationConsumer:
             if await self._handle(message) and ending_since is None:
                 ending_since = started
         if ending_since is not None:
-            summary = await self.flusher.flush_once()  # the ending customers' records are claimed first
+            # The ending customers' records are claimed first; a backlog of others waits for the
+            # flush loop, so the next notification is not kept waiting behind it.
+            summary = await self.flusher.flush_once(max_calls=FINAL_USAGE_CALLS)
             took = time.monotonic() - ending_since
             if summary.outcomes["sent"]:  # AWS accepted (the first call carries the ending customers' records)
                 self.final_usage_s = took
@@ -113,12 +116,13 @@ class NotificationConsumer:
             log.error("subscription_message_unparseable", message_id=message.message_id, error=str(exc),
                       note="left on the queue: its redrive policy moves it to the dead-letter queue")
             return False
-        mine = self.settings.product_code
-        if notice.product_code and mine and notice.product_code != mine:
+        # SNS notifications and licence events name the product; the docs' agreement events do not.
+        theirs, mine = notice.product_code, self.settings.product_code
+        if theirs and mine and theirs != mine:
             self.messages["other_product"] += 1
-            log.error("subscription_message_other_product", message_id=message.message_id,
-                      product_code=notice.product_code, configured=mine,
-                      note="left on the queue: one queue per product; its redrive policy moves it away")
+            log.error("subscription_message_other_product", message_id=message.message_id, product=theirs,
+                      configured=mine, note="left on the queue: one queue per product; its redrive policy"
+                                            " moves it to the dead-letter queue")
             return False
         result = await self.store.apply_notice(notice, now=self.clock.now())
         await asyncio.to_thread(self.queue.delete, message.receipt_handle)  # only after the commit

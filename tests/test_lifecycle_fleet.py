@@ -70,7 +70,7 @@ async def test_final_usage_of_two_members_goes_out_at_once_and_after_the_end_is_
                            event(f"b-other-{i}", when=clock.now(), customer=B)])
         await m(a).ship_once()
         await m(b).ship_once()
-        clock.set(H10 + 20 * 60)
+        clock.set(H10 + 50 * 60)
         sqs.send_message(QueueUrl=queue_url, MessageBody=sns_message(
             "unsubscribe-pending", customer_identifier="cust-a", product_code=PRODUCT, at=int(clock.now())))
         assert await a.app[CONSUMER].poll_once() == 1
@@ -80,10 +80,13 @@ async def test_final_usage_of_two_members_goes_out_at_once_and_after_the_end_is_
 
         await post(b, [event("b-late", when=clock.now(), customer=A)])  # after the final seal
         await m(b).ship_once()
-        clock.set(H10 + HOUR_S + 1)
-        await m(a).flusher.flush_once()  # 11:00 has begun: cust-a's carried usage is sealed and sent
+        clock.set(H10 + HOUR_S + 6 * 60)  # 11:06: cust-b's 10:00 is past its grace
+        await m(a).flusher.flush_once()
+        assert billed(sim, "cust-b") == {H10: 4}
+        assert billed(sim, "cust-a") == {H10: 8}  # 11:00 waits for SIDECAR_FINAL_SEAL_S (the end + 50 min)
+        clock.set(H10 + 50 * 60 + 3000 + 1)  # 11:40:01
+        await m(a).flusher.flush_once()
         assert billed(sim, "cust-a") == {H10: 8, H10 + HOUR_S: 1}
-        assert billed(sim, "cust-b") == {}  # 10:00 is still within its grace: not sealed early
 
         sqs.send_message(QueueUrl=queue_url, MessageBody=sns_message(
             "unsubscribe-success", customer_identifier="cust-a", product_code=PRODUCT, at=int(clock.now())))

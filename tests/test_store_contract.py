@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from helpers import ACCOUNT, T0, event
+from test_gpu_time import gpu_dims, timed
 
 from sidecar.clock import HOUR_S, ManualClock, hour_start
 from sidecar.config import DEFAULT_DIMENSIONS, CustomerRef, Dimension, Settings
@@ -405,22 +406,58 @@ async def test_an_ending_agreement_seals_that_customer_now_and_is_claimed_first(
     assert {r.payload["Timestamp"] for r in first} == {H10 + 30}
 
 
-async def test_usage_after_the_final_seal_goes_into_the_next_hour_and_is_sealed_when_it_begins(
+async def test_usage_after_the_final_seal_goes_into_the_next_hour_sealed_before_the_end_is_final(
         backend: Opened) -> None:
     """AWS keeps one record per customer-hour: later usage of an ending customer is carried into the
-    next hour, whose bucket is sealed as soon as that hour has begun (not an hour later)."""
+    next hour, whose bucket waits until SIDECAR_FINAL_SEAL_S (50 min) after the end began, so that it
+    holds as much of the last hour as AWS still takes, then is sealed and sent."""
     store, clock = backend
+    clock.set(H10 + 30 * 60)  # the end begins at 10:30: the 11:00 record goes out at 11:20
     await ingest(store, clock, event(1, when=H10 + 30))
     await store.apply_notice(notice(Change.END_BEGAN, clock.now()), now=clock.now())
     await ingest(store, clock, event(2, when=clock.now() - 5))
     later = by_key(store, "identifier:cust-a")[("inference-requests", H10 + HOUR_S)]
     assert (later["state"], later["raw"], later["carried_in"]) == ("open", 1, 1)
+    clock.set(H10 + HOUR_S + 10 * 60)
+    await ingest(store, clock, event(3, when=clock.now() - 5))  # 11:10: the same 11:00 bucket
     await store.prepare_flush(now=clock.now())
     assert by_key(store, "identifier:cust-a")[("inference-requests", H10 + HOUR_S)]["state"] == "open"
-    clock.set(H10 + HOUR_S + 1)  # the next hour has begun; the store's own grace has not passed
+    clock.set(H10 + 30 * 60 + 3000)  # 11:20
     await store.prepare_flush(now=clock.now())
     sealed = by_key(store, "identifier:cust-a")[("inference-requests", H10 + HOUR_S)]
-    assert sealed["state"] == "pending" and sealed["record_timestamp"] == H10 + HOUR_S
+    assert (sealed["state"], sealed["quantity"], sealed["record_timestamp"]) == ("pending", 2, H10 + HOUR_S)
+
+
+async def test_a_customer_left_ending_is_not_rounded_every_hour(backend: Opened) -> None:
+    """Remainders are settled at the end's seals only (within an hour after the deadline); a customer
+    whose end never comes carries them on as usual instead of losing up to half a unit each hour."""
+    store, clock = backend
+    await store.apply_notice(notice(Change.END_BEGAN, clock.now()), now=clock.now())
+    for h in range(2, 7):  # long after the deadline: each hour sealed as it begins
+        clock.set(H10 + h * HOUR_S + 60)
+        await ingest(store, clock, event(f"h{h}", when=clock.now() - 5, prompt=400, completion=0))
+        clock.set(H10 + (h + 1) * HOUR_S + 1)
+        await store.prepare_flush(now=clock.now())
+    totals = {(t["customer"], t["dimension"]): t for t in store.view.usage(UsageFilter())["totals"]}
+    tokens = totals[("identifier:cust-a", "tokens-processed")]
+    assert sum(tokens["quantity_by_state"].values()) * 1000 + tokens["carry_raw"] == 5 * 400
+
+
+async def test_a_licences_end_parks_only_that_licence(backend: Opened) -> None:
+    """License Deprovisioned names one licence: an account's other licence (a replaced agreement's new
+    one) keeps being billed."""
+    store, clock = backend
+    old = {**ACCOUNT}
+    new = {**ACCOUNT, "license_arn": ACCOUNT["license_arn"][:-4] + "beef"}
+    await ingest(store, clock, event(1, when=H10 + 30, customer=old), event(2, when=H10 + 30, customer=new))
+    ended = Notice(change=Change.ENDED, subscriber="account:123456789012", product_code="prod-c", at=int(clock.now()),
+                   kind="License Deprovisioned - Manufacturer", shape="eventbridge", message_id=None,
+                   license_arn="arn:aws:license-manager:us-east-1:123456789012:" + old["license_arn"].rsplit(":", 1)[1])
+    result = await store.apply_notice(ended, now=clock.now())
+    assert (result.state, result.parked) == ("ended", 2)
+    await ingest(store, clock, event(3, when=H10 + 60, customer=new), event(4, when=H10 + 60, customer=old))
+    assert {r["customer"]: r["raw"] for r in rows(store, dimension="inference-requests")} == \
+        {f"account:{new['aws_account_id']}/{new['license_arn']}": 2}
 
 
 async def test_after_the_end_usage_is_parked_and_a_resubscribe_resumes(backend: Opened) -> None:
@@ -487,3 +524,17 @@ async def test_an_ending_customers_remainder_is_settled_into_the_final_record(ba
     assert (tokens["state"], tokens["quantity"]) == ("pending", 2)
     totals = {(t["customer"], t["dimension"]): t["carry_raw"] for t in store.view.usage(UsageFilter())["totals"]}
     assert totals[("identifier:cust-a", "tokens-processed")] == 0
+
+
+@single_file  # fleet mode measures GPU time per request only (fair_share is refused there)
+async def test_an_ending_customers_fair_share_gpu_time_is_in_the_final_record(backend: Opened) -> None:
+    """fair_share GPU time is shared out when an hour is sealed; an ending customer's is shared out up
+    to now at the final seal, so the final record holds it (it would otherwise arrive after the end)."""
+    await backend.reopen(dimensions=gpu_dims("fair_share"))
+    store, clock = backend
+    clock.set(H10 + 30 * 60)
+    await ingest(store, clock, timed("g1", "cust-a", H10, H10 + 20 * 60),
+                 timed("g2", "cust-a", H10 + 5 * 60, H10 + 29 * 60))
+    await store.apply_notice(notice(Change.END_BEGAN, clock.now()), now=clock.now())
+    gpu = by_key(store, "identifier:cust-a")[("gpu-hours", H10)]
+    assert (gpu["state"], gpu["raw"]) == ("pending", 29 * 60 * 1_000_000)  # the GPU time that passed

@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import T0, event
-from lifecycle_messages import eventbridge_event, sns_message
+from lifecycle_messages import eventbridge_event, license_arn_of, sns_message
 
 from sidecar.app import CONSUMER, FLUSHER, STORE, create_app
 from sidecar.clock import HOUR_S, ManualClock, hour_start
@@ -172,8 +172,9 @@ async def rig(tmp_path: Path, clock: ManualClock, moto_url: str, sqs: Any) -> As
          "identifier:cust-a", "ended"),
         (eventbridge_event("Purchase Agreement Ended - Manufacturer", aws_account_id=ACCOUNT_ID),
          f"account:{ACCOUNT_ID}", "pending_end"),
+        # A licence's end applies to that licence (its customer's key), not to the account's other licences.
         (eventbridge_event("License Deprovisioned - Manufacturer", aws_account_id=ACCOUNT_ID, product_code=PRODUCT),
-         f"account:{ACCOUNT_ID}", "ended"),
+         f"account:{ACCOUNT_ID}/{license_arn_of(ACCOUNT_ID)}", "ended"),
     ],
     ids=["sns-envelope", "raw-sns", "purchase-agreement-ended", "license-deprovisioned"],
 )

@@ -22,7 +22,7 @@ from sidecar import subscriptions
 from sidecar.clock import HOUR_S, Clock, hour_start
 from sidecar.config import MAX_QUANTITY, Dimension, Settings
 from sidecar.events import UsageEvent
-from sidecar.model import BucketState, CustomerRef, is_tenant_key, tenant_key
+from sidecar.model import BucketState, CustomerRef, Scheme, is_tenant_key, tenant_key
 from sidecar.store import lifecycle, outbox, records
 from sidecar.subscriptions import Notice, SubscriptionState, subscriber_of
 from sidecar.usage import (
@@ -45,6 +45,7 @@ WATERMARK_KEY = "sealed_before"
 ALIVE_KEY = "alive_at"  # last time a process owned this file (updated at every sealing pass)
 FIRST_HOUR_KEY = "first_hour"  # the earliest hour this store may start a new bucket in
 DEDICATED_KEY = "dedicated_from_us"  # dedicated GPU time is billed up to here
+GPU_SHARED_KEY = "gpu_shared_until"  # fair_share GPU time was shared out up to here (epoch s)
 PRUNE_MARGIN_S = 3600
 
 
@@ -73,7 +74,8 @@ class Buckets:
         self._known_customers: set[str] = set()  # customer rows known to be committed
         self._pending_customers: set[str] = set()  # written in the transaction under way
         self._floors: dict[str, int] = {}  # customer -> its hours before this are sealed (an ending agreement)
-        self._ending: set[str] = set()  # subscribers whose agreement is ending: their usage is sealed early
+        self._ending: dict[str, int] = {}  # subscriber -> when its agreement began to end: usage sealed early
+        self._gpu_shared_until = 0  # fair_share GPU time is shared out up to here (an ending customer's seal)
         self._ended: set[str] = set()  # subscribers whose subscription ended: their usage is parked
 
     def load(self, conn: sqlite3.Connection, *, owner: bool) -> None:
@@ -84,7 +86,8 @@ class Buckets:
         self._watermark = self._birth(conn) if owner else (_meta_int(conn, WATERMARK_KEY) or 0)
         self._record_dimensions(conn)
         self._floors = {r[0]: r[1] for r in conn.execute("SELECT customer, sealed_before FROM customer_floors")}
-        self._ending = lifecycle.by_state(conn, SubscriptionState.PENDING_END)
+        self._ending = lifecycle.ending(conn)
+        self._gpu_shared_until = _meta_int(conn, GPU_SHARED_KEY) or 0
         self._ended = lifecycle.by_state(conn, SubscriptionState.ENDED)
 
     def committed(self) -> None:
@@ -229,7 +232,7 @@ class Buckets:
         rows = []
         now = int(self.clock.now())
         for (c, d, h), dl in deltas.items():
-            if self._ended and subscriber_of(c) in self._ended:  # AWS would refuse it: kept, never sent
+            if self._ended and (subscriber_of(c) in self._ended or c in self._ended):  # AWS would refuse it
                 records.park_ended(conn, customer=c, dimension=d, hour=h, unit=dl.unit, raw=dl.raw,
                                    events=dl.events, first_event_at=dl.first_event_at, now=now)
                 continue
@@ -313,11 +316,13 @@ class Buckets:
         self._on_commit.append(functools.partial(setattr, self, "_watermark", watermark))
         if rows:
             log.info("hours_sealed", buckets=sealed, parked=len(rows) - sealed, sealed_before=watermark)
-        if self._ending:
-            sealed += self._seal_ahead(conn, self._ending, before=hour_start(now) + HOUR_S, now=now)
+        for who, began in sorted(self._ending.items()):
+            before, settle = lifecycle.final_seal(now=now, began=began, final_seal_s=self.settings.final_seal_s)
+            sealed += self._seal_ahead(conn, {who}, before=before, now=now, settle=settle)
         return sealed
 
-    def _seal_rows(self, conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, now: float) -> int:
+    def _seal_rows(self, conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, now: float,
+                   wall: bool = True) -> int:
         """Seal these open buckets (oldest hour first): whole units now, the remainder carried on.
         Returns how many were sealed; the others (a dimension the release dropped) are parked."""
         parked = 0
@@ -352,25 +357,30 @@ class Buckets:
                 " ON CONFLICT (customer, dimension) DO UPDATE SET raw = excluded.raw",
                 (r["customer"], r["dimension"], remainder),
             )
-        for hour, dim in engine_hours:  # beside what engine_time billed: the GPU time that passed
+        for hour, dim in engine_hours if wall else ():  # beside what engine_time billed: the GPU time that passed
             _add_gpu_time(conn, hour, dim, wall_us=_busy_us(conn, hour) * self.settings.gpus)
         return len(rows) - parked
 
-    def _seal_ahead(self, conn: sqlite3.Connection, subscribers: set[str], *, before: int, now: float) -> int:
+    def _seal_ahead(self, conn: sqlite3.Connection, subscribers: set[str], *, before: int, now: float,
+                    settle: bool) -> int:
         """Seal the open buckets of these subscribers' customers for every hour starting before
         `before` (the current hour included), ahead of the store's watermark: their agreement is
         ending and AWS takes their records for about one hour more. Their later usage goes into a
-        later hour (`_floors`), sealed as soon as that hour has begun."""
+        later hour (`_floors`), sealed by `lifecycle.final_seal`'s rule. `settle`: a final record,
+        whose remainder below one unit is settled by policy (no later record could carry it)."""
         customers = sorted({c for s in subscribers for c in lifecycle.customers_of(conn, s)})
         if not customers:
             return 0
+        if self._fair_dims:  # their GPU time up to now, shared out now, so it is in these records
+            self._share_gpu_ahead(conn, now=int(now))
         rows = conn.execute(
             "SELECT customer, dimension, hour, raw, unit, events, first_event_at FROM buckets"
             " WHERE state = 'open' AND hour < ? AND customer IN (SELECT value FROM json_each(?))"
             " ORDER BY hour, customer, dimension", (before, json.dumps(customers))).fetchall()
-        sealed = self._seal_rows(conn, rows, now=now)
-        # Their final record: a remainder below one unit would never be billed after the end.
-        self._settle_remainders(conn, sealed_before=before, now=int(now), customers=customers)
+        # The hour's GPU wall time is recorded once, when the store seals the hour.
+        sealed = self._seal_rows(conn, rows, now=now, wall=False)
+        if settle:
+            self._settle_remainders(conn, sealed_before=before, now=int(now), customers=customers)
         moved = [c for c in customers if self._floors.get(c, 0) < before]
         conn.executemany("INSERT INTO customer_floors (customer, sealed_before) VALUES (?,?) ON CONFLICT (customer)"
                          " DO UPDATE SET sealed_before = max(sealed_before, excluded.sealed_before)",
@@ -384,17 +394,25 @@ class Buckets:
         """Apply one subscription notification: store the subscriber's new state; an agreement
         ending seals that customer's open usage now (frozen, to be sent before anything else); an
         end parks what is still open. A duplicate or an older notification changes nothing."""
+        if notice.subscriber.startswith(Scheme.ACCOUNT):
+            notice = lifecycle.scoped(notice, lifecycle.customers_of(conn, notice.subscriber))
         current = lifecycle.read(conn, notice.subscriber)
         new = subscriptions.apply(current, notice)
         if new is None:
             return lifecycle.NoticeResult(changed=False, state=None if current is None else current.state.value)
         lifecycle.write(conn, new, notice, now)
         who = notice.subscriber
-        for cache, state in ((self._ending, SubscriptionState.PENDING_END), (self._ended, SubscriptionState.ENDED)):
-            self._on_commit.append(functools.partial(cache.add if new.state == state else cache.discard, who))
+        if not lifecycle.customers_of(conn, who):
+            log.warning("subscription_notice_matches_no_customer", subscriber=who, kind=notice.kind,
+                        note="kept: usage of this subscriber that arrives later follows it")
+        ending = new.state == SubscriptionState.PENDING_END
+        self._on_commit.append(functools.partial(self._ending.__setitem__, who, new.end_began_at or notice.at)
+                               if ending else functools.partial(self._ending.pop, who, None))
+        self._on_commit.append(functools.partial(self._ended.add if new.state == SubscriptionState.ENDED
+                                                 else self._ended.discard, who))
         sealed = frozen = parked = 0
-        if new.state == SubscriptionState.PENDING_END and (current is None or current.state != new.state):
-            sealed = self._seal_ahead(conn, {who}, before=hour_start(now) + HOUR_S, now=now)
+        if ending and (current is None or current.state != new.state):
+            sealed = self._seal_ahead(conn, {who}, before=hour_start(now) + HOUR_S, now=now, settle=True)
             frozen = self.freeze(conn, now=now)
         elif new.state == SubscriptionState.ENDED:
             parked = self._park_open(conn, who, now=int(now))
@@ -431,7 +449,7 @@ class Buckets:
                 "INSERT INTO engine_intervals (event_id, customer, start_us, end_us, pending_from_us)"
                 " VALUES (?,?,?,?,?)", [(e, c, a, b, b) for e, c, a, b, _ in intervals])
             return
-        wm_us = watermark * 1_000_000
+        wm_us = max(watermark, self._gpu_shared_until) * 1_000_000  # time before this is shared out
         late = [iv for iv in intervals if iv[2] < wm_us]
         conn.executemany(
             "INSERT INTO engine_intervals (event_id, customer, start_us, end_us, pending_from_us) VALUES (?,?,?,?,?)",
@@ -449,6 +467,16 @@ class Buckets:
                 self._account_gpu(conn, deltas, self._fair_dims, hour=open_hour, total_us=free,
                                   shares={customer: (free, 1)}, late=True, when=when)
         self.apply_deltas(conn, deltas)
+
+    def _share_gpu_ahead(self, conn: sqlite3.Connection, *, now: int) -> None:
+        """Share out the GPU time of every request up to `now` (not only of sealed hours): an ending
+        customer's records must hold their GPU time. Intervals arriving later for that time are
+        late (they add only time nobody covered), as at an hour's seal."""
+        if now <= self._gpu_shared_until:
+            return
+        self._share_gpu_time(conn, watermark=now)
+        _set_meta(conn, GPU_SHARED_KEY, now)
+        self._on_commit.append(functools.partial(setattr, self, "_gpu_shared_until", now))
 
     def _share_gpu_time(self, conn: sqlite3.Connection, *, watermark: int) -> None:
         """Share out the GPU wall time of every hour about to be sealed among the requests that ran

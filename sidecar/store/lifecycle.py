@@ -7,12 +7,16 @@ does to buckets is `Buckets.apply_notice`. Everything here runs inside a caller'
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.clock import HOUR_S, hour_start
 from sidecar.model import Scheme
-from sidecar.subscriptions import Notice, Subscription, SubscriptionState
+from sidecar.subscriptions import Change, Notice, Subscription, SubscriptionState
 
 FINAL_USAGE_DUE_S = 1800  # final usage not accepted this long after an end began: alarm
 
@@ -33,12 +37,12 @@ PARKED_EVENTS_SQL = ("SELECT customer, hour, max(events) AS events FROM parked W
 
 def rows_sql(*, pg: bool = False) -> str:
     """Every subscriber's row with the events parked after its end and its records not yet accepted."""
-    return (f"WITH ended AS (SELECT {subscriber_sql('customer', pg=pg)} AS subscriber, events"
+    return (f"WITH ended AS (SELECT {subscriber_sql('customer', pg=pg)} AS subscriber, customer, events"
             f" FROM ({PARKED_EVENTS_SQL}) x)"
             " SELECT s.*, (SELECT CAST(coalesce(sum(e.events), 0) AS BIGINT) FROM ended e"
-            " WHERE e.subscriber = s.subscriber)"
+            " WHERE s.subscriber IN (e.subscriber, e.customer))"
             " AS parked_events, (SELECT count(*) FROM records r WHERE r.state IN ('pending', 'held')"
-            f"   AND {subscriber_sql('r.customer', pg=pg)} = s.subscriber) AS unaccepted_records"
+            f"   AND s.subscriber IN ({subscriber_sql('r.customer', pg=pg)}, r.customer)) AS unaccepted_records"
             " FROM subscriptions s ORDER BY s.subscriber")
 
 
@@ -95,13 +99,60 @@ def write(conn: sqlite3.Connection, sub: Subscription, notice: Notice, now: floa
     conn.execute(UPSERT.format(p="?"), row_values(sub, notice, now))
 
 
+LICENCE_ID = re.compile(r"(l-[0-9A-Za-z]+)\Z")
+
+
+def licence_id(arn: str) -> str | None:
+    """The `l-…` id at the end of a licence ARN (events and ResolveCustomer may spell the rest apart)."""
+    found = LICENCE_ID.search(arn)
+    return None if found is None else found.group(1)
+
+
+def scoped(notice: Notice, account_customers: Iterable[str]) -> Notice:
+    """A licence's end (License Deprovisioned names the licence) applies to that licence's customer
+    only, not to every licence of the account (a replaced agreement deprovisions the old licence
+    while the new one is in use): its subscriber becomes that customer's key, found among the
+    account's customers by the licence id (else the key the event names, which matches nothing)."""
+    if notice.change != Change.ENDED or not notice.license_arn or not notice.subscriber.startswith(Scheme.ACCOUNT):
+        return notice
+    wanted = licence_id(notice.license_arn)
+    same = [c for c in account_customers if wanted is not None and licence_id(c) == wanted]
+    key = same[0] if len(same) == 1 else f"{notice.subscriber}/{notice.license_arn}"
+    return dataclasses.replace(notice, subscriber=key)
+
+
 def customers_of(conn: sqlite3.Connection, subscriber: str) -> list[str]:
-    """The stored customer keys a subscriber names (an account may hold licences of this product)."""
+    """The stored customer keys a subscriber names: an account's every licence of this product, or
+    one customer (an identifier, or one licence's key after a licence's end)."""
+    if "/" in subscriber:
+        return [r[0] for r in conn.execute("SELECT customer FROM customers WHERE customer = ?", (subscriber,))]
     if subscriber.startswith(Scheme.ACCOUNT):
         prefix = subscriber + "/"
         return [r[0] for r in conn.execute(
             "SELECT customer FROM customers WHERE customer >= ? AND customer < ?", (prefix, prefix[:-1] + "0"))]
     return [r[0] for r in conn.execute("SELECT customer FROM customers WHERE customer = ?", (subscriber,))]
+
+
+def ending(conn: sqlite3.Connection) -> dict[str, int]:
+    """Subscribers whose agreement is ending, with when the end began."""
+    return {r[0]: int(r[1] if r[1] is not None else r[2]) for r in conn.execute(
+        "SELECT subscriber, end_began_at, state_at FROM subscriptions WHERE state = 'pending_end'")}
+
+
+def final_seal(*, now: float, began: int, final_seal_s: int) -> tuple[int, bool]:
+    """For a customer whose agreement began to end at `began`: seal their buckets of hours starting
+    before the returned hour, and whether that seal settles their remainder.
+
+    AWS takes their records for about an hour after the end began, one record per hour. Their usage
+    of the hour the end began in was sealed at once; what comes after goes into a later hour's
+    bucket, which waits until SIDECAR_FINAL_SEAL_S after the end began (or its hour is over) so that
+    it holds as much of the last hour as possible; from then on every hour is sealed as soon as it
+    begins. Remainders are settled in the first hour after that deadline only (not every hour of a
+    customer left ending), as they would be lost at the end."""
+    deadline = began + final_seal_s
+    if now < deadline:
+        return hour_start(now), False
+    return hour_start(now) + HOUR_S, now < deadline + HOUR_S
 
 
 def by_state(conn: sqlite3.Connection, state: SubscriptionState) -> set[str]:

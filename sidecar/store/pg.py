@@ -263,8 +263,8 @@ class FleetStore:
         cur = await conn.execute(
             "SELECT u.customer, f.sealed_before, s.state FROM unnest(%s::text[]) AS u(customer)"
             " LEFT JOIN customer_floors f ON f.customer = u.customer"
-            f" LEFT JOIN subscriptions s ON s.subscriber = {lifecycle.subscriber_sql('u.customer', pg=True)}"
-            "   AND s.state = 'ended'", (customers,))
+            " LEFT JOIN subscriptions s ON s.state = 'ended'"
+            f"   AND s.subscriber IN ({lifecycle.subscriber_sql('u.customer', pg=True)}, u.customer)", (customers,))
         found = {r["customer"]: r for r in await cur.fetchall()}
         if not any(r["sealed_before"] is not None or r["state"] is not None for r in found.values()):
             return sums
@@ -464,10 +464,12 @@ class FleetStore:
         await conn.execute("UPDATE meta SET value = %s WHERE key = 'sealed_before'", (watermark,))
         if sealed:
             log.info("fleet_hours_sealed", buckets=sealed, sealed_before=watermark)
-        cur = await conn.execute("SELECT subscriber FROM subscriptions WHERE state = 'pending_end'")
-        ending = [r["subscriber"] for r in await cur.fetchall()]
-        if ending:
-            sealed += await self._seal_ahead(conn, ending, before=hour_start(now) + HOUR_S, now=now)
+        cur = await conn.execute("SELECT subscriber, coalesce(end_began_at, state_at) AS began FROM subscriptions"
+                                 " WHERE state = 'pending_end' ORDER BY subscriber")
+        for r in await cur.fetchall():
+            before, settle = lifecycle.final_seal(now=now, began=int(r["began"]),
+                                                  final_seal_s=self.settings.final_seal_s)
+            sealed += await self._seal_ahead(conn, [r["subscriber"]], before=before, now=now, settle=settle)
         return sealed
 
     async def _seal_hour(self, conn: AsyncConnection[Any], hour: int, *, now: float,
@@ -494,7 +496,9 @@ class FleetStore:
         """The fleet's customer keys these subscribers name (an account may hold several licences)."""
         out: set[str] = set()
         for s in subscribers:
-            if s.startswith(Scheme.ACCOUNT):  # every licence of the account: 'account:<id>/<arn>'
+            if "/" in s:  # one licence's customer (after that licence's end)
+                cur = await conn.execute("SELECT customer FROM customers WHERE customer = %s", (s,))
+            elif s.startswith(Scheme.ACCOUNT):  # every licence of the account: 'account:<id>/<arn>'
                 cur = await conn.execute("SELECT customer FROM customers WHERE starts_with(customer, %s)",
                                          (s + "/",))
             else:
@@ -503,7 +507,7 @@ class FleetStore:
         return sorted(out)
 
     async def _seal_ahead(self, conn: AsyncConnection[Any], subscribers: list[str], *, before: int,
-                          now: float) -> int:
+                          now: float, settle: bool) -> int:
         """Seal these subscribers' open buckets of every hour starting before `before` (the current
         hour included): their agreement is ending (see `Buckets._seal_ahead`)."""
         customers = await self._customers_of(conn, subscribers)
@@ -514,8 +518,8 @@ class FleetStore:
         sealed = 0
         for hour in [int(r["hour"]) for r in await cur.fetchall()]:
             sealed += await self._seal_hour(conn, hour, now=now, customers=customers)
-        # Their final record: a remainder below one unit would never be billed after the end.
-        await self._settle_remainders(conn, customers=customers, sealed_before=before)
+        if settle:  # a final record: a remainder below one unit would never be billed after the end
+            await self._settle_remainders(conn, customers=customers, sealed_before=before)
         await conn.execute(
             "INSERT INTO customer_floors (customer, sealed_before) SELECT unnest(%s::text[]), %s"
             " ON CONFLICT (customer) DO UPDATE SET sealed_before = greatest(customer_floors.sealed_before,"
@@ -528,6 +532,10 @@ class FleetStore:
         """Apply a subscription notification fleet-wide (the leader only; see `Buckets.apply_notice`)."""
         async with self.pool.connection() as conn, conn.transaction():
             await self._fence(conn)
+            # As sealing does: shipments wait, so none adds to a bucket this seals or parks.
+            await conn.execute("SELECT value FROM meta WHERE key = 'sealed_before' FOR UPDATE")
+            if notice.subscriber.startswith(Scheme.ACCOUNT):
+                notice = lifecycle.scoped(notice, await self._customers_of(conn, [notice.subscriber]))
             cur = await conn.execute("SELECT * FROM subscriptions WHERE subscriber = %s FOR UPDATE",
                                      (notice.subscriber,))
             row = await cur.fetchone()
@@ -538,8 +546,11 @@ class FleetStore:
             await conn.execute(lifecycle.UPSERT.format(p="%s"), lifecycle.row_values(new, notice, now))
             sealed = frozen = parked = 0
             who = notice.subscriber
+            if not await self._customers_of(conn, [who]):
+                log.warning("subscription_notice_matches_no_customer", subscriber=who, kind=notice.kind,
+                            note="kept: usage of this subscriber that arrives later follows it")
             if new.state == SubscriptionState.PENDING_END and (current is None or current.state != new.state):
-                sealed = await self._seal_ahead(conn, [who], before=hour_start(now) + HOUR_S, now=now)
+                sealed = await self._seal_ahead(conn, [who], before=hour_start(now) + HOUR_S, now=now, settle=True)
                 frozen = await self._freeze(conn, now=now)
             elif new.state == SubscriptionState.ENDED:
                 parked = await self._park_open(conn, who, now=now)
