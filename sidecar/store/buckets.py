@@ -371,12 +371,16 @@ class Buckets:
         customers = sorted({c for s in subscribers for c in lifecycle.customers_of(conn, s)})
         if not customers:
             return 0
-        if self._fair_dims:  # their GPU time up to now, shared out now, so it is in these records
-            self._share_gpu_ahead(conn, now=int(now))
-        rows = conn.execute(
-            "SELECT customer, dimension, hour, raw, unit, events, first_event_at FROM buckets"
-            " WHERE state = 'open' AND hour < ? AND customer IN (SELECT value FROM json_each(?))"
-            " ORDER BY hour, customer, dimension", (before, json.dumps(customers))).fetchall()
+        def due() -> list[sqlite3.Row]:
+            return conn.execute(
+                "SELECT customer, dimension, hour, raw, unit, events, first_event_at FROM buckets"
+                " WHERE state = 'open' AND hour < ? AND customer IN (SELECT value FROM json_each(?))"
+                " ORDER BY hour, customer, dimension", (before, json.dumps(customers))).fetchall()
+
+        rows = due()
+        if rows and self._fair_dims:  # their GPU time up to now, shared out now, so it is in these records
+            self._share_gpu_ahead(conn, now=int(now))  # only when records are made: sharing is coarser then
+            rows = due()
         # The hour's GPU wall time is recorded once, when the store seals the hour.
         sealed = self._seal_rows(conn, rows, now=now, wall=False)
         if settle:
