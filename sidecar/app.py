@@ -532,6 +532,9 @@ def create_app(settings: Settings, *, clock: Clock | None = None, api: MeteringA
         app[FLUSHER] = Flusher(store, api, settings, app[CLOCK])
         if queue is not None:
             app[CONSUMER] = NotificationConsumer(queue, store, app[FLUSHER], settings, app[CLOCK])
+            log.warning("subscription_states_in_this_file", db=str(settings.db_path),
+                        note="single-file mode keeps customers' subscription states in this task's file: a"
+                             " replacement task starts without them; use fleet mode or keep the file on a volume")
         app[METRICS].attach(view=store.view, now=app[CLOCK].now, flusher=app[FLUSHER], consumer=app.get(CONSUMER))
         stop = asyncio.Event()
         loop_task = asyncio.create_task(maintenance_loop(app, stop)) if background else None

@@ -497,3 +497,18 @@ def test_messages_built_from_the_real_field_names_never_raise_anything_else(
     into the parser: still a Notice or UnparseableMessage."""
     body = json.dumps({"Type": "Notification", "Message": json.dumps(doc)} if wrap else doc)
     _only_unparseable(body, sent_at)
+
+
+# ---- when an ending customer's later usage is sealed (sidecar.store.lifecycle.final_seal) ----------
+
+def test_the_final_seal_waits_for_the_deadline_then_seals_each_hour_as_it_begins() -> None:
+    """Before the deadline only hours that are over are sealed (the current hour keeps collecting);
+    from the deadline the current hour too, with remainders settled only in the first hour after it."""
+    from sidecar.store.lifecycle import final_seal
+
+    began = 1_800_000_000 + 30 * 60  # hh:30
+    hour = began - 30 * 60
+    assert final_seal(now=began + 60, began=began, final_seal_s=3000) == (hour, False)
+    assert final_seal(now=began + 3000, began=began, final_seal_s=3000) == (hour + 2 * 3600, True)
+    assert final_seal(now=began + 3000 + 3600, began=began, final_seal_s=3000) == (hour + 3 * 3600, False)
+    assert final_seal(now=began, began=began, final_seal_s=0) == (hour + 3600, True)
