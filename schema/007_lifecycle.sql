@@ -25,3 +25,12 @@ CREATE TABLE IF NOT EXISTS customer_floors (
     customer        TEXT PRIMARY KEY,        -- customer key (identifier:… or account:…/…)
     sealed_before   INTEGER NOT NULL
 ) WITHOUT ROWID;
+
+-- The AWS account of a customer metered by its CustomerIdentifier (ResolveCustomer gives both), so
+-- that notifications naming only the account (EventBridge's) reach it. Never part of a record.
+CREATE TABLE IF NOT EXISTS customer_accounts (
+    customer        TEXT PRIMARY KEY,        -- identifier:<CustomerIdentifier>
+    aws_account_id  TEXT NOT NULL
+) WITHOUT ROWID;
+
+CREATE INDEX IF NOT EXISTS customer_accounts_account ON customer_accounts (aws_account_id);

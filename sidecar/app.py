@@ -220,10 +220,11 @@ async def _map_tenant(request: web.Request, tenant: str, ref: CustomerRef, *, so
                       **extra: Any) -> web.Response:
     """Store a tenant's mapping (fleet-wide in fleet mode) and answer with it."""
     try:
+        account = extra.get("aws_account_id")  # an identifier customer's account, from ResolveCustomer
         if MEMBER in request.app:  # fleet mode: the mapping holds for every member
-            moved = await request.app[MEMBER].fleet.map_tenant(tenant, ref, source=source)
+            moved = await request.app[MEMBER].fleet.map_tenant(tenant, ref, source=source, aws_account_id=account)
         else:
-            moved = await request.app[STORE].map_tenant(tenant, ref, source=source)
+            moved = await request.app[STORE].map_tenant(tenant, ref, source=source, aws_account_id=account)
     except StoreUnavailable as exc:
         return web.json_response({"error": str(exc)}, status=503, headers={"Retry-After": RETRY_AFTER_S})
     return web.json_response({"tenant": tenant, "customer": ref.key, **extra, "buckets_moved": moved})

@@ -538,3 +538,25 @@ async def test_an_ending_customers_fair_share_gpu_time_is_in_the_final_record(ba
     await store.apply_notice(notice(Change.END_BEGAN, clock.now()), now=clock.now())
     gpu = by_key(store, "identifier:cust-a")[("gpu-hours", H10)]
     assert (gpu["state"], gpu["raw"]) == ("pending", 29 * 60 * 1_000_000)  # the GPU time that passed
+
+
+async def test_an_identifier_customer_follows_its_accounts_notifications(backend: Opened) -> None:
+    """ResolveCustomer gave the identifier customer's account: EventBridge's account-only events reach
+    it (sealed at once and first when the agreement ends; parked after), its records still name only
+    the identifier."""
+    store, clock = backend
+    await store.map_tenant("acme", CustomerRef(customer_identifier="cust-a"), source="registration",
+                           aws_account_id="123456789012")
+    await ingest(store, clock, event(1, when=H10 + 30, customer={"tenant": "acme"}))
+    result = await store.apply_notice(notice(Change.END_BEGAN, clock.now(), subscriber="account:123456789012"),
+                                      now=clock.now())
+    assert result.frozen == 2
+    batch = await store.claim(now=clock.now(), limit=25)
+    assert {tuple(sorted(r.payload)) for r in batch} == {("CustomerIdentifier", "Dimension", "Quantity", "Timestamp")}
+    await store.apply_notice(notice(Change.ENDED, clock.now() + 60, subscriber="account:123456789012"),
+                             now=clock.now())
+    await ingest(store, clock, event(2, when=clock.now() - 5, customer={"tenant": "acme"}))
+    parked = store.view.usage(UsageFilter())["parked"]
+    assert {(p["customer"], p["state"]) for p in parked} == {("identifier:cust-a", "ended")}
+    subs = {s["subscriber"]: s for s in store.view.usage(UsageFilter())["subscriptions"]}
+    assert subs["account:123456789012"]["parked_events"] == 1

@@ -18,3 +18,10 @@ CREATE TABLE IF NOT EXISTS customer_floors (
     customer        TEXT PRIMARY KEY,
     sealed_before   BIGINT NOT NULL
 );
+
+CREATE TABLE IF NOT EXISTS customer_accounts (
+    customer        TEXT PRIMARY KEY,
+    aws_account_id  TEXT NOT NULL
+);
+
+CREATE INDEX IF NOT EXISTS customer_accounts_account ON customer_accounts (aws_account_id);

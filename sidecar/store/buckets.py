@@ -77,6 +77,7 @@ class Buckets:
         self._ending: dict[str, int] = {}  # subscriber -> when its agreement began to end: usage sealed early
         self._gpu_shared_until = 0  # fair_share GPU time is shared out up to here (an ending customer's seal)
         self._ended: set[str] = set()  # subscribers whose subscription ended: their usage is parked
+        self._accounts: dict[str, str] = {}  # identifier customer -> its AWS account (ResolveCustomer)
 
     def load(self, conn: sqlite3.Connection, *, owner: bool) -> None:
         """Read the tenant map and the watermark; the owner (serve, flush) also decides a birth."""
@@ -89,6 +90,7 @@ class Buckets:
         self._ending = lifecycle.ending(conn)
         self._gpu_shared_until = _meta_int(conn, GPU_SHARED_KEY) or 0
         self._ended = lifecycle.by_state(conn, SubscriptionState.ENDED)
+        self._accounts = dict(conn.execute("SELECT customer, aws_account_id FROM customer_accounts").fetchall())
 
     def committed(self) -> None:
         """Apply the in-memory updates of the transaction that just committed."""
@@ -232,7 +234,7 @@ class Buckets:
         rows = []
         now = int(self.clock.now())
         for (c, d, h), dl in deltas.items():
-            if self._ended and (subscriber_of(c) in self._ended or c in self._ended):  # AWS would refuse it
+            if self._ended and self._ended_customer(c):  # AWS would refuse it: kept, never sent
                 records.park_ended(conn, customer=c, dimension=d, hour=h, unit=dl.unit, raw=dl.raw,
                                    events=dl.events, first_event_at=dl.first_event_at, now=now)
                 continue
@@ -260,6 +262,12 @@ class Buckets:
         )
         if cur.rowcount != len(rows):
             raise RuntimeError("refusing to add usage to a sealed bucket")
+
+    def _ended_customer(self, customer: str) -> bool:
+        """Whether a subscription `customer` follows has ended (its account's, its own, or its licence's)."""
+        account = self._accounts.get(customer)
+        return (subscriber_of(customer) in self._ended or customer in self._ended
+                or (account is not None and f"{Scheme.ACCOUNT}{account}" in self._ended))
 
     def unbillable(self, dimension: str, raw_unit: int) -> str | None:
         """Why usage of `dimension` measured in `raw_unit` cannot be billed now, or None."""
@@ -645,11 +653,18 @@ class Buckets:
                  hour - lookback, hour),
             )
 
-    def map_tenant(self, conn: sqlite3.Connection, tenant: str, ref: CustomerRef, source: str) -> int:
-        """Map a tenant to a customer and move its unmapped usage into that customer's open buckets."""
+    def map_tenant(self, conn: sqlite3.Connection, tenant: str, ref: CustomerRef, source: str, *,
+                   aws_account_id: str | None = None) -> int:
+        """Map a tenant to a customer and move its unmapped usage into that customer's open buckets.
+        `aws_account_id`: an identifier customer's account (kept apart: never part of a record)."""
         now = self.clock.now()
         key = ref.key
         self._ensure_customers(conn, {key: ref})
+        if aws_account_id and ref.customer_identifier is not None:
+            conn.execute("INSERT INTO customer_accounts (customer, aws_account_id) VALUES (?, ?)"
+                         " ON CONFLICT (customer) DO UPDATE SET aws_account_id = excluded.aws_account_id",
+                         (key, aws_account_id))
+            self._on_commit.append(functools.partial(self._accounts.__setitem__, key, aws_account_id))
         conn.execute(
             "INSERT INTO tenants (tenant, customer, source, updated_at) VALUES (?,?,?,?)"
             " ON CONFLICT (tenant) DO UPDATE SET customer = excluded.customer,"

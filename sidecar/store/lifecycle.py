@@ -35,14 +35,20 @@ PARKED_EVENTS_SQL = ("SELECT customer, hour, max(events) AS events FROM parked W
                      " GROUP BY customer, hour")
 
 
+def subscribers_sql(column: str, *, pg: bool = False) -> str:
+    """SQL for the subscribers the customer key in `column` follows, as an IN list: its account (or
+    identifier), the key itself (one licence's end), and the account noted for an identifier customer."""
+    return (f"{subscriber_sql(column, pg=pg)}, {column},"
+            f" (SELECT 'account:' || ca.aws_account_id FROM customer_accounts ca WHERE ca.customer = {column})")
+
+
 def rows_sql(*, pg: bool = False) -> str:
     """Every subscriber's row with the events parked after its end and its records not yet accepted."""
-    return (f"WITH ended AS (SELECT {subscriber_sql('customer', pg=pg)} AS subscriber, customer, events"
-            f" FROM ({PARKED_EVENTS_SQL}) x)"
+    return (f"WITH ended AS ({PARKED_EVENTS_SQL})"
             " SELECT s.*, (SELECT CAST(coalesce(sum(e.events), 0) AS BIGINT) FROM ended e"
-            " WHERE s.subscriber IN (e.subscriber, e.customer))"
+            f" WHERE s.subscriber IN ({subscribers_sql('e.customer', pg=pg)}))"
             " AS parked_events, (SELECT count(*) FROM records r WHERE r.state IN ('pending', 'held')"
-            f"   AND s.subscriber IN ({subscriber_sql('r.customer', pg=pg)}, r.customer)) AS unaccepted_records"
+            f"   AND s.subscriber IN ({subscribers_sql('r.customer', pg=pg)})) AS unaccepted_records"
             " FROM subscriptions s ORDER BY s.subscriber")
 
 
@@ -126,10 +132,12 @@ def customers_of(conn: sqlite3.Connection, subscriber: str) -> list[str]:
     one customer (an identifier, or one licence's key after a licence's end)."""
     if "/" in subscriber:
         return [r[0] for r in conn.execute("SELECT customer FROM customers WHERE customer = ?", (subscriber,))]
-    if subscriber.startswith(Scheme.ACCOUNT):
+    if subscriber.startswith(Scheme.ACCOUNT):  # its licences, and identifier customers of that account
         prefix = subscriber + "/"
         return [r[0] for r in conn.execute(
-            "SELECT customer FROM customers WHERE customer >= ? AND customer < ?", (prefix, prefix[:-1] + "0"))]
+            "SELECT customer FROM customers WHERE customer >= ? AND customer < ?"
+            " UNION SELECT customer FROM customer_accounts WHERE aws_account_id = ? ORDER BY 1",
+            (prefix, prefix[:-1] + "0", subscriber.removeprefix(Scheme.ACCOUNT)))]
     return [r[0] for r in conn.execute("SELECT customer FROM customers WHERE customer = ?", (subscriber,))]
 
 

@@ -264,7 +264,7 @@ class FleetStore:
             "SELECT u.customer, f.sealed_before, s.state FROM unnest(%s::text[]) AS u(customer)"
             " LEFT JOIN customer_floors f ON f.customer = u.customer"
             " LEFT JOIN subscriptions s ON s.state = 'ended'"
-            f"   AND s.subscriber IN ({lifecycle.subscriber_sql('u.customer', pg=True)}, u.customer)", (customers,))
+            f"   AND s.subscriber IN ({lifecycle.subscribers_sql('u.customer', pg=True)})", (customers,))
         found = {r["customer"]: r for r in await cur.fetchall()}
         if not any(r["sealed_before"] is not None or r["state"] is not None for r in found.values()):
             return sums
@@ -347,19 +347,24 @@ class FleetStore:
 
     # ---- tenant mapping -----------------------------------------------------------------------
 
-    async def map_tenant(self, tenant: str, ref: CustomerRef, *, source: str = "api") -> int:
+    async def map_tenant(self, tenant: str, ref: CustomerRef, *, source: str = "api",
+                         aws_account_id: str | None = None) -> int:
         """Map a tenant fleet-wide; its unmapped buckets join the customer's. Returns buckets moved.
         Raises FleetUnavailable when PostgreSQL cannot be reached (nothing was mapped)."""
         try:
-            return await self._map_tenant(tenant, ref, source)
+            return await self._map_tenant(tenant, ref, source, aws_account_id)
         except (psycopg.Error, PoolTimeout) as exc:
             raise FleetUnavailable(f"the fleet's database: {exc}") from exc
 
-    async def _map_tenant(self, tenant: str, ref: CustomerRef, source: str) -> int:
+    async def _map_tenant(self, tenant: str, ref: CustomerRef, source: str, aws_account_id: str | None) -> int:
         now = self.clock.now()
         async with self.pool.connection() as conn, conn.transaction():
             await conn.execute("SELECT value FROM meta WHERE key = 'sealed_before' FOR SHARE")
             await self._ensure_customers(conn, [ref.key])
+            if aws_account_id and ref.customer_identifier is not None:
+                await conn.execute("INSERT INTO customer_accounts (customer, aws_account_id) VALUES (%s, %s)"
+                                   " ON CONFLICT (customer) DO UPDATE SET aws_account_id = excluded.aws_account_id",
+                                   (ref.key, aws_account_id))
             await conn.execute(
                 "INSERT INTO tenants (tenant, customer, source, mapped_at) VALUES (%s,%s,%s,%s)"
                 " ON CONFLICT (tenant) DO UPDATE SET customer = excluded.customer, source = excluded.source,"
@@ -498,9 +503,10 @@ class FleetStore:
         for s in subscribers:
             if "/" in s:  # one licence's customer (after that licence's end)
                 cur = await conn.execute("SELECT customer FROM customers WHERE customer = %s", (s,))
-            elif s.startswith(Scheme.ACCOUNT):  # every licence of the account: 'account:<id>/<arn>'
-                cur = await conn.execute("SELECT customer FROM customers WHERE starts_with(customer, %s)",
-                                         (s + "/",))
+            elif s.startswith(Scheme.ACCOUNT):  # every licence of the account, and its identifier customers
+                cur = await conn.execute("SELECT customer FROM customers WHERE starts_with(customer, %s)"
+                                         " UNION SELECT customer FROM customer_accounts WHERE aws_account_id = %s",
+                                         (s + "/", s.removeprefix(Scheme.ACCOUNT)))
             else:
                 cur = await conn.execute("SELECT customer FROM customers WHERE customer = %s", (s,))
             out |= {r["customer"] for r in await cur.fetchall()}
@@ -775,8 +781,9 @@ class FleetStore:
                " FROM records WHERE state = 'pending' AND NOT in_flight AND next_attempt_at <= %s")
         tail = f" ORDER BY timestamp, id LIMIT %s{' FOR UPDATE' if lock else ''}"
         cur = await conn.execute(
-            due + f" AND {lifecycle.subscriber_sql('customer', pg=True)} IN (SELECT subscriber FROM subscriptions"
-            " WHERE state = 'pending_end')" + tail, (now, limit * 4))
+            due + " AND EXISTS (SELECT 1 FROM subscriptions s WHERE s.state = 'pending_end'"
+            f" AND s.subscriber IN ({lifecycle.subscribers_sql('records.customer', pg=True)}))" + tail,
+            (now, limit * 4))
         rows = await cur.fetchall()
         seen = {r["id"] for r in rows}
         cur = await conn.execute(due + tail, (now, limit * 4))

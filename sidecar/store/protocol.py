@@ -104,8 +104,11 @@ class MeteringStore(SendingStore, Protocol):
         """A tiny write: raises StoreUnavailable or StoreClosed when the store cannot commit."""
         ...
 
-    async def map_tenant(self, tenant: str, ref: CustomerRef, *, source: str = "api") -> int:
-        """Map a tenant to a customer; returns how many unmapped buckets joined the customer's."""
+    async def map_tenant(self, tenant: str, ref: CustomerRef, *, source: str = "api",
+                         aws_account_id: str | None = None) -> int:
+        """Map a tenant to a customer; returns how many unmapped buckets joined the customer's.
+        `aws_account_id`: the account of an identifier customer (ResolveCustomer), which the
+        subscription notifications that name only the account then reach."""
         ...
 
     async def seal_due(self) -> int:

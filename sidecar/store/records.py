@@ -18,7 +18,7 @@ import structlog
 
 from sidecar.config import MAX_QUANTITY, Dimension
 from sidecar.model import REPLAYABLE, HoldOutcome, Outcome, RecordState
-from sidecar.store.lifecycle import subscriber_sql
+from sidecar.store.lifecycle import subscribers_sql
 from sidecar.usage import BucketKey, Delta, guardrail, record_timestamp
 
 if TYPE_CHECKING:  # buckets imports this module; the rules object is only passed in
@@ -300,8 +300,9 @@ def _due(conn: sqlite3.Connection, now: float, limit: int) -> list[DueRecord]:
     rows = []
     if conn.execute("SELECT 1 FROM subscriptions WHERE state = 'pending_end' LIMIT 1").fetchone():
         rows = conn.execute(
-            DUE_SQL + f" AND {subscriber_sql('customer')} IN (SELECT subscriber FROM subscriptions"
-            " WHERE state = 'pending_end') ORDER BY timestamp, id LIMIT ?", (now, limit * 4)).fetchall()
+            DUE_SQL + " AND EXISTS (SELECT 1 FROM subscriptions s WHERE s.state = 'pending_end'"
+            f" AND s.subscriber IN ({subscribers_sql('records.customer')})) ORDER BY timestamp, id LIMIT ?",
+            (now, limit * 4)).fetchall()
     seen = {r["id"] for r in rows}
     rows += [r for r in conn.execute(DUE_SQL + " ORDER BY timestamp, id LIMIT ?", (now, limit * 4)).fetchall()
              if r["id"] not in seen]

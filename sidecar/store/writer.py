@@ -340,9 +340,11 @@ class Store:
         """A tiny write transaction: raises StoreUnavailable/StoreClosed when the database cannot commit."""
         await self.run(functools.partial(_stamp_health, now=now))
 
-    async def map_tenant(self, tenant: str, ref: CustomerRef, *, source: str = "api") -> int:
+    async def map_tenant(self, tenant: str, ref: CustomerRef, *, source: str = "api",
+                         aws_account_id: str | None = None) -> int:
         """Map a tenant to a customer; returns how many unmapped buckets joined its buckets."""
-        return await self.run(lambda conn: self.rules.map_tenant(conn, tenant, ref, source))
+        return await self.run(lambda conn: self.rules.map_tenant(conn, tenant, ref, source,
+                                                                 aws_account_id=aws_account_id))
 
     # ---- sending (protocol.SendingStore) --------------------------------------------------------
 
