@@ -122,7 +122,8 @@ def scoped(notice: Notice, account_customers: Iterable[str]) -> Notice:
     if notice.change != Change.ENDED or not notice.license_arn or not notice.subscriber.startswith(Scheme.ACCOUNT):
         return notice
     wanted = licence_id(notice.license_arn)
-    same = [c for c in account_customers if wanted is not None and licence_id(c) == wanted]
+    same = [c for c in account_customers
+            if wanted is not None and c.startswith(Scheme.ACCOUNT) and licence_id(c) == wanted]
     key = same[0] if len(same) == 1 else f"{notice.subscriber}/{notice.license_arn}"
     return dataclasses.replace(notice, subscriber=key)
 
