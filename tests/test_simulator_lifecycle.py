@@ -16,6 +16,7 @@ import botocore.config
 import botocore.exceptions
 import botocore.session
 import pytest
+from test_simulator import FakeClock, error_code, http_status, make_client
 
 from sidecar.simulator import Simulator, SimulatorConfig, add_arguments, config_from_args, start
 
@@ -24,35 +25,6 @@ PRODUCT = "prod-1234abcd"
 ACCOUNT = "111122223333"
 LICENCE = "arn:aws:license-manager::111122223333:license:l-0123456789abcdef0123456789abcdef"
 REGION = "us-east-1"
-
-_SESSION = botocore.session.get_session()
-# total_max_attempts=1: botocore's max_attempts counts *retries*, so max_attempts=1 sends twice.
-_NO_RETRIES = botocore.config.Config(
-    retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=2, read_timeout=5
-)
-
-
-def make_client(service: str, url: str) -> Any:
-    """Create a real botocore client for ``service`` at ``url`` that never retries."""
-    return _SESSION.create_client(
-        service,
-        region_name=REGION,
-        endpoint_url=url,
-        aws_access_key_id="x",
-        aws_secret_access_key="y",
-        config=_NO_RETRIES,
-    )
-
-
-class FakeClock:
-    """A settable clock for the simulator's notion of now."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
 
 @dataclass
 class Harness:
@@ -121,7 +93,7 @@ async def start_sim() -> AsyncIterator[StartSim]:
         clock = FakeClock(NOW)
         sim = Simulator(SimulatorConfig(**overrides), clock=clock)
         runner, url = await start(sim)
-        harness = Harness(sim, clock, url, make_client("meteringmarketplace", url), aiohttp.ClientSession(url))
+        harness = Harness(sim, clock, url, make_client(url), aiohttp.ClientSession(url))
         started.append((runner, harness))
         return harness
 
@@ -130,16 +102,6 @@ async def start_sim() -> AsyncIterator[StartSim]:
         harness.metering.close()
         await harness.admin.close()
         await runner.cleanup()
-
-
-def error_code(error: botocore.exceptions.ClientError) -> str:
-    """Return the error code botocore parsed from the response."""
-    return str(error.response["Error"]["Code"])
-
-
-def http_status(error: botocore.exceptions.ClientError) -> int:
-    """Return the HTTP status botocore saw."""
-    return int(error.response["ResponseMetadata"]["HTTPStatusCode"])
 
 
 async def test_identifier_token_resolves_to_its_customer(start_sim: StartSim) -> None:
