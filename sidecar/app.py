@@ -200,6 +200,18 @@ async def put_customer(request: web.Request) -> web.Response:
     tenant = request.match_info["tenant"]
     if not valid_tenant(tenant):
         return error(400, f"tenant: {TENANT_RULE}")
+    doc = await json_object(request)
+    if isinstance(doc, web.Response):
+        return doc
+    try:
+        ref = CustomerRef.parse(doc, where="body")
+    except ValueError as exc:
+        return error(422, str(exc))
+    return await _map_tenant(request, tenant, ref, source="api")
+
+
+async def json_object(request: web.Request) -> dict[str, Any] | web.Response:
+    """A small write's body as one JSON object (64 KiB at most), or the refusal to answer with."""
     if request.content_type not in JSON_TYPES:
         return error(415, "send application/json")
     body = await read_body(request, 65536)
@@ -209,25 +221,19 @@ async def put_customer(request: web.Request) -> web.Response:
         return error(400, str(exc))
     if len(items) != 1 or not isinstance(items[0].value, dict) or body.lstrip()[:1] != b"{":
         return error(422, "body: must be one JSON object")
-    try:
-        ref = CustomerRef.parse(items[0].value, where="body")
-    except ValueError as exc:
-        return error(422, str(exc))
-    return await _map_tenant(request, tenant, ref, source="api")
+    return dict(items[0].value)
 
 
 async def _map_tenant(request: web.Request, tenant: str, ref: CustomerRef, *, source: str,
-                      **extra: Any) -> web.Response:
-    """Store a tenant's mapping (fleet-wide in fleet mode) and answer with it."""
+                      aws_account_id: str | None = None, answer: dict[str, Any] | None = None) -> web.Response:
+    """Store a tenant's mapping (fleet-wide in fleet mode: it holds for every member) and answer with it
+    (`answer`: more keys for the answer)."""
+    store = request.app[MEMBER].fleet if MEMBER in request.app else request.app[STORE]
     try:
-        account = extra.get("aws_account_id")  # an identifier customer's account, from ResolveCustomer
-        if MEMBER in request.app:  # fleet mode: the mapping holds for every member
-            moved = await request.app[MEMBER].fleet.map_tenant(tenant, ref, source=source, aws_account_id=account)
-        else:
-            moved = await request.app[STORE].map_tenant(tenant, ref, source=source, aws_account_id=account)
+        moved = await store.map_tenant(tenant, ref, source=source, aws_account_id=aws_account_id)
     except StoreUnavailable as exc:
         return web.json_response({"error": str(exc)}, status=503, headers={"Retry-After": RETRY_AFTER_S})
-    return web.json_response({"tenant": tenant, "customer": ref.key, **extra, "buckets_moved": moved})
+    return web.json_response({"tenant": tenant, "customer": ref.key, **(answer or {}), "buckets_moved": moved})
 
 
 async def post_registration(request: web.Request) -> web.Response:
@@ -236,16 +242,9 @@ async def post_registration(request: web.Request) -> web.Response:
     registrar = request.app.get(REGISTRAR)
     if registrar is None:
         return error(503, "registrations call AWS's ResolveCustomer, which a dry run does not do")
-    if request.content_type not in JSON_TYPES:
-        return error(415, "send application/json")
-    body = await read_body(request, 65536)
-    try:
-        items = parse_body(body, "application/json")
-    except BadBody as exc:
-        return error(400, str(exc))
-    if len(items) != 1 or not isinstance(items[0].value, dict) or body.lstrip()[:1] != b"{":
-        return error(422, "body: must be one JSON object")
-    doc = items[0].value
+    doc = await json_object(request)
+    if isinstance(doc, web.Response):
+        return doc
     unknown = sorted(set(doc) - {"registration_token", "tenant"})
     if unknown:
         return error(422, f"body: unknown field(s) {', '.join(map(repr, unknown))}; send registration_token and tenant")
@@ -270,8 +269,8 @@ async def post_registration(request: web.Request) -> web.Response:
         return error(409, f"registration_token: the token is for product {reg.product_code!r}; this sidecar"
                           f" meters {mine!r} (SIDECAR_PRODUCT_CODE)", code="OtherProduct")
     log.info("customer_registered", tenant=tenant, customer=reg.customer.key, product_code=reg.product_code)
-    return await _map_tenant(request, tenant, reg.customer, source="registration",
-                             product_code=reg.product_code, aws_account_id=reg.aws_account_id)
+    return await _map_tenant(request, tenant, reg.customer, source="registration", aws_account_id=reg.aws_account_id,
+                             answer={"product_code": reg.product_code, "aws_account_id": reg.aws_account_id})
 
 
 def present_row(row: dict[str, Any]) -> dict[str, Any]:
