@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from flushkit import H10, PRODUCT, InstantPacer, customer_events
-from procs import free_port
 
 from sidecar.clock import ManualClock
 from sidecar.config import Settings
 from sidecar.flush import Flusher
 from sidecar.marketplace import MeteringClient
 from sidecar.store import Store
-
-
-@pytest.fixture
-def moto_url() -> Iterator[str]:
-    """A moto server on a free loopback port."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 async def test_flusher_speaks_to_moto(tmp_path: Path, moto_url: str) -> None:
