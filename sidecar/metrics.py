@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from sidecar.store import lifecycle
 from sidecar.store.protocol import UsageReader
 
 
@@ -178,8 +179,7 @@ class _FleetCollector(Collector):
 
 def lifecycle_families(summary: dict[str, Any] | None) -> Iterator[Metric]:
     """The customer lifecycle's gauges from a store's lifecycle summary (`store.lifecycle.summary`)."""
-    summary = summary or {"customers_by_state": {}, "parked_after_end_customers": 0, "parked_after_end_events": 0,
-                          "final_usage_overdue": []}
+    summary = summary or lifecycle.summarize([], {"customers": 0, "events": 0}, now=0.0)  # no database yet
     states = GaugeMetricFamily("sidecar_lifecycle_customers", "Customers by subscription state (from the queue).",
                                labels=["state"])
     for state, n in sorted(summary["customers_by_state"].items()):
