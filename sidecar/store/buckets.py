@@ -326,7 +326,7 @@ class Buckets:
             log.info("hours_sealed", buckets=sealed, parked=len(rows) - sealed, sealed_before=watermark)
         for who, began in sorted(self._ending.items()):
             before, settle = lifecycle.final_seal(now=now, began=began, final_seal_s=self.settings.final_seal_s)
-            sealed += self._seal_ahead(conn, {who}, before=before, now=now, settle=settle)
+            sealed += self._seal_ahead(conn, lifecycle.customers_of(conn, who), before=before, now=now, settle=settle)
         return sealed
 
     def _seal_rows(self, conn: sqlite3.Connection, rows: Sequence[sqlite3.Row], *, now: float,
@@ -369,16 +369,16 @@ class Buckets:
             _add_gpu_time(conn, hour, dim, wall_us=_busy_us(conn, hour) * self.settings.gpus)
         return len(rows) - parked
 
-    def _seal_ahead(self, conn: sqlite3.Connection, subscribers: set[str], *, before: int, now: float,
+    def _seal_ahead(self, conn: sqlite3.Connection, customers: list[str], *, before: int, now: float,
                     settle: bool) -> int:
-        """Seal the open buckets of these subscribers' customers for every hour starting before
+        """Seal the open buckets of these customers (of an ending subscriber) for every hour starting before
         `before` (the current hour included), ahead of the store's watermark: their agreement is
         ending and AWS takes their records for about one hour more. Their later usage goes into a
         later hour (`_floors`), sealed by `lifecycle.final_seal`'s rule. `settle`: a final record,
         whose remainder below one unit is settled by policy (no later record could carry it)."""
-        customers = sorted({c for s in subscribers for c in lifecycle.customers_of(conn, s)})
         if not customers:
             return 0
+
         def due() -> list[sqlite3.Row]:
             return conn.execute(
                 "SELECT customer, dimension, hour, raw, unit, events, first_event_at FROM buckets"
@@ -406,15 +406,14 @@ class Buckets:
         """Apply one subscription notification: store the subscriber's new state; an agreement
         ending seals that customer's open usage now (frozen, to be sent before anything else); an
         end parks what is still open. A duplicate or an older notification changes nothing."""
-        if notice.subscriber.startswith(Scheme.ACCOUNT):
-            notice = lifecycle.scoped(notice, lifecycle.customers_of(conn, notice.subscriber))
+        notice, customers = lifecycle.scoped(notice, lifecycle.customers_of(conn, notice.subscriber))
         current = lifecycle.read(conn, notice.subscriber)
         new = subscriptions.apply(current, notice)
         if new is None:
             return lifecycle.NoticeResult(changed=False, state=None if current is None else current.state.value)
         lifecycle.write(conn, new, notice, now)
         who = notice.subscriber
-        if not lifecycle.customers_of(conn, who):
+        if not customers:
             log.warning("subscription_notice_matches_no_customer", subscriber=who, kind=notice.kind,
                         note="kept: usage of this subscriber that arrives later follows it")
         ending = new.state == SubscriptionState.PENDING_END
@@ -423,19 +422,19 @@ class Buckets:
         self._on_commit.append(functools.partial(self._ended.add if new.state == SubscriptionState.ENDED
                                                  else self._ended.discard, who))
         sealed = frozen = parked = 0
-        if ending and (current is None or current.state != new.state):
-            sealed = self._seal_ahead(conn, {who}, before=hour_start(now) + HOUR_S, now=now, settle=True)
+        step = lifecycle.step(current, new)
+        if step == lifecycle.Step.SEAL:
+            sealed = self._seal_ahead(conn, customers, before=hour_start(now) + HOUR_S, now=now, settle=True)
             frozen = self.freeze(conn, now=now)
-        elif new.state == SubscriptionState.ENDED:
-            parked = self._park_open(conn, who, now=int(now))
+        elif step == lifecycle.Step.PARK:
+            parked = self._park_open(conn, customers, now=int(now))
         log.info("subscription_changed", subscriber=who, state=new.state.value, kind=notice.kind,
                  at=notice.at, sealed=sealed, frozen=frozen, parked=parked)
         return lifecycle.NoticeResult(changed=True, state=new.state.value, sealed=sealed, frozen=frozen,
                                       parked=parked)
 
-    def _park_open(self, conn: sqlite3.Connection, subscriber: str, *, now: int) -> int:
-        """Park the open usage of a subscriber whose subscription ended (AWS no longer accepts it)."""
-        customers = lifecycle.customers_of(conn, subscriber)
+    def _park_open(self, conn: sqlite3.Connection, customers: list[str], *, now: int) -> int:
+        """Park the open usage of these customers, whose subscription ended (AWS no longer accepts it)."""
         rows = conn.execute(
             "SELECT customer, dimension, hour, raw, unit, events, first_event_at FROM buckets"
             " WHERE state = 'open' AND customer IN (SELECT value FROM json_each(?))", (json.dumps(customers),)

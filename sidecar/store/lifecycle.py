@@ -12,6 +12,7 @@ import re
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from sidecar.clock import HOUR_S, hour_start
@@ -114,18 +115,36 @@ def licence_id(arn: str) -> str | None:
     return None if found is None else found.group(1)
 
 
-def scoped(notice: Notice, account_customers: Iterable[str]) -> Notice:
-    """A licence's end (License Deprovisioned names the licence) applies to that licence's customer
+def scoped(notice: Notice, customers: Iterable[str]) -> tuple[Notice, list[str]]:
+    """The notice as it applies, and the customers (of those its subscriber names) it applies to.
+
+    A licence's end (License Deprovisioned names the licence) applies to that licence's customer
     only, not to every licence of the account (a replaced agreement deprovisions the old licence
     while the new one is in use): its subscriber becomes that customer's key, found among the
     account's customers by the licence id (else the key the event names, which matches nothing)."""
+    named = list(customers)
     if notice.change != Change.ENDED or not notice.license_arn or not notice.subscriber.startswith(Scheme.ACCOUNT):
-        return notice
+        return notice, named
     wanted = licence_id(notice.license_arn)
-    same = [c for c in account_customers
-            if wanted is not None and c.startswith(Scheme.ACCOUNT) and licence_id(c) == wanted]
-    key = same[0] if len(same) == 1 else f"{notice.subscriber}/{notice.license_arn}"
-    return dataclasses.replace(notice, subscriber=key)
+    same = [c for c in named if wanted is not None and c.startswith(Scheme.ACCOUNT) and licence_id(c) == wanted]
+    if len(same) == 1:
+        return dataclasses.replace(notice, subscriber=same[0]), same
+    return dataclasses.replace(notice, subscriber=f"{notice.subscriber}/{notice.license_arn}"), []
+
+
+class Step(StrEnum):
+    """What a change of subscription state does to the customer's usage."""
+
+    SEAL = "seal"  # an end began: seal and freeze their open usage now, to be sent first
+    PARK = "park"  # the end is final: park their open usage
+    NONE = "none"
+
+
+def step(current: Subscription | None, new: Subscription) -> Step:
+    """The step a subscriber's change from `current` to `new` takes (sealing once, at the change)."""
+    if new.state == SubscriptionState.PENDING_END:
+        return Step.SEAL if current is None or current.state != new.state else Step.NONE
+    return Step.PARK if new.state == SubscriptionState.ENDED else Step.NONE
 
 
 def customers_of(conn: sqlite3.Connection, subscriber: str) -> list[str]:

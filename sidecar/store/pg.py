@@ -48,7 +48,7 @@ from sidecar.store.db import schema_dir
 from sidecar.store.outbox import ShippedDelta
 from sidecar.store.queries import UsageFilter
 from sidecar.store.records import DueRecord, Settlement
-from sidecar.subscriptions import Notice, SubscriptionState, apply
+from sidecar.subscriptions import Notice, apply
 from sidecar.usage import guardrail, record_timestamp, sealing_watermark, settle_remainder
 
 log = structlog.get_logger("sidecar.fleet")
@@ -474,7 +474,8 @@ class FleetStore:
         for r in await cur.fetchall():
             before, settle = lifecycle.final_seal(now=now, began=int(r["began"]),
                                                   final_seal_s=self.settings.final_seal_s)
-            sealed += await self._seal_ahead(conn, [r["subscriber"]], before=before, now=now, settle=settle)
+            sealed += await self._seal_ahead(conn, await self._customers_of(conn, [r["subscriber"]]), before=before,
+                                             now=now, settle=settle)
         return sealed
 
     async def _seal_hour(self, conn: AsyncConnection[Any], hour: int, *, now: float,
@@ -512,11 +513,10 @@ class FleetStore:
             out |= {r["customer"] for r in await cur.fetchall()}
         return sorted(out)
 
-    async def _seal_ahead(self, conn: AsyncConnection[Any], subscribers: list[str], *, before: int,
+    async def _seal_ahead(self, conn: AsyncConnection[Any], customers: list[str], *, before: int,
                           now: float, settle: bool) -> int:
-        """Seal these subscribers' open buckets of every hour starting before `before` (the current
+        """Seal these customers' open buckets of every hour starting before `before` (the current
         hour included): their agreement is ending (see `Buckets._seal_ahead`)."""
-        customers = await self._customers_of(conn, subscribers)
         if not customers:
             return 0
         cur = await conn.execute("SELECT DISTINCT hour FROM buckets WHERE state = 'open' AND hour < %s"
@@ -540,8 +540,7 @@ class FleetStore:
             await self._fence(conn)
             # As sealing does: shipments wait, so none adds to a bucket this seals or parks.
             await conn.execute("SELECT value FROM meta WHERE key = 'sealed_before' FOR UPDATE")
-            if notice.subscriber.startswith(Scheme.ACCOUNT):
-                notice = lifecycle.scoped(notice, await self._customers_of(conn, [notice.subscriber]))
+            notice, customers = lifecycle.scoped(notice, await self._customers_of(conn, [notice.subscriber]))
             cur = await conn.execute("SELECT * FROM subscriptions WHERE subscriber = %s FOR UPDATE",
                                      (notice.subscriber,))
             row = await cur.fetchone()
@@ -552,22 +551,22 @@ class FleetStore:
             await conn.execute(lifecycle.UPSERT.format(p="%s"), lifecycle.row_values(new, notice, now))
             sealed = frozen = parked = 0
             who = notice.subscriber
-            if not await self._customers_of(conn, [who]):
+            if not customers:
                 log.warning("subscription_notice_matches_no_customer", subscriber=who, kind=notice.kind,
                             note="kept: usage of this subscriber that arrives later follows it")
-            if new.state == SubscriptionState.PENDING_END and (current is None or current.state != new.state):
-                sealed = await self._seal_ahead(conn, [who], before=hour_start(now) + HOUR_S, now=now, settle=True)
+            step = lifecycle.step(current, new)
+            if step == lifecycle.Step.SEAL:
+                sealed = await self._seal_ahead(conn, customers, before=hour_start(now) + HOUR_S, now=now, settle=True)
                 frozen = await self._freeze(conn, now=now)
-            elif new.state == SubscriptionState.ENDED:
-                parked = await self._park_open(conn, who, now=now)
+            elif step == lifecycle.Step.PARK:
+                parked = await self._park_open(conn, customers, now=now)
         log.info("subscription_changed", subscriber=who, state=new.state.value, kind=notice.kind, at=notice.at,
                  sealed=sealed, frozen=frozen, parked=parked)
         return lifecycle.NoticeResult(changed=True, state=new.state.value, sealed=sealed, frozen=frozen,
                                       parked=parked)
 
-    async def _park_open(self, conn: AsyncConnection[Any], subscriber: str, *, now: float) -> int:
-        """Park the open usage of a subscriber whose subscription ended."""
-        customers = await self._customers_of(conn, [subscriber])
+    async def _park_open(self, conn: AsyncConnection[Any], customers: list[str], *, now: float) -> int:
+        """Park the open usage of these customers, whose subscription ended."""
         cur = await conn.execute(
             "DELETE FROM buckets WHERE state = 'open' AND customer = ANY(%s)"
             " RETURNING customer, dimension, hour, unit, raw, events, first_event_at", (customers,))
