@@ -22,9 +22,9 @@ from sidecar import subscriptions
 from sidecar.clock import HOUR_S, Clock, hour_start
 from sidecar.config import MAX_QUANTITY, Dimension, Settings
 from sidecar.events import UsageEvent
-from sidecar.model import BucketState, CustomerRef, Scheme, is_tenant_key, tenant_key
+from sidecar.model import BucketState, CustomerRef, is_tenant_key, tenant_key
 from sidecar.store import lifecycle, outbox, records
-from sidecar.subscriptions import Notice, SubscriptionState, subscriber_of
+from sidecar.subscriptions import Notice, SubscriptionState
 from sidecar.usage import (
     BucketKey,
     Delta,
@@ -264,10 +264,8 @@ class Buckets:
             raise RuntimeError("refusing to add usage to a sealed bucket")
 
     def _ended_customer(self, customer: str) -> bool:
-        """Whether a subscription `customer` follows has ended (its account's, its own, or its licence's)."""
-        account = self._accounts.get(customer)
-        return (subscriber_of(customer) in self._ended or customer in self._ended
-                or (account is not None and f"{Scheme.ACCOUNT}{account}" in self._ended))
+        """Whether a subscription `customer` follows has ended."""
+        return any(s in self._ended for s in lifecycle.subscribers_of(customer, self._accounts.get(customer)))
 
     def unbillable(self, dimension: str, raw_unit: int) -> str | None:
         """Why usage of `dimension` measured in `raw_unit` cannot be billed now, or None."""

@@ -1,8 +1,10 @@
-"""Subscription rows in a single-file store: read, write, which customers a subscriber names, and
-what an operator must see (each customer's state, usage parked after an end, final usage overdue).
+"""The customer lifecycle in a store: subscription rows, which customers a subscriber names, when an
+ending customer's usage is sealed (`final_seal`) and what a change of state does (`step`), and what
+an operator must see (each customer's state, usage parked after an end, final usage overdue).
 
-The rules (what a notification means, which one wins) are `sidecar.subscriptions`; what a change
-does to buckets is `Buckets.apply_notice`. Everything here runs inside a caller's transaction.
+The rules of notifications (what one means, which one wins) are `sidecar.subscriptions`; the SQL
+here serves both stores (`Buckets.apply_notice` in SQLite, `FleetStore.apply_notice` in PostgreSQL);
+the SQLite functions run inside a caller's transaction.
 """
 
 from __future__ import annotations
@@ -17,10 +19,17 @@ from typing import Any
 
 from sidecar.clock import HOUR_S, hour_start
 from sidecar.model import Scheme
-from sidecar.subscriptions import Change, Notice, Subscription, SubscriptionState
+from sidecar.subscriptions import Change, Notice, Subscription, SubscriptionState, subscriber_of
 
 FINAL_USAGE_DUE_S = 1800  # final usage not accepted this long after an end began: alarm
 
+
+def subscribers_of(customer: str, account: str | None) -> tuple[str, ...]:
+    """The subscribers a customer key follows: its account (or identifier), the key itself (one
+    licence's end), and the account noted for an identifier customer (`customer_accounts`).
+    `subscribers_sql` is the same rule in SQL."""
+    own = subscriber_of(customer)
+    return tuple(s for s in (own, customer, None if account is None else f"{Scheme.ACCOUNT}{account}") if s)
 
 
 def subscriber_sql(column: str, *, pg: bool = False) -> str:
@@ -37,8 +46,7 @@ PARKED_EVENTS_SQL = ("SELECT customer, hour, max(events) AS events FROM parked W
 
 
 def subscribers_sql(column: str, *, pg: bool = False) -> str:
-    """SQL for the subscribers the customer key in `column` follows, as an IN list: its account (or
-    identifier), the key itself (one licence's end), and the account noted for an identifier customer."""
+    """`subscribers_of` in SQL, as an IN list, for the customer key in `column`."""
     return (f"{subscriber_sql(column, pg=pg)}, {column},"
             f" (SELECT 'account:' || ca.aws_account_id FROM customer_accounts ca WHERE ca.customer = {column})")
 
